@@ -1,0 +1,314 @@
+/* nbdserve - connection state, request slots and the reply send path.
+ *
+ * A finished request sends its reply straight from the thread that ran
+ * it when the socket's queue is empty (one writev, no hand-off).  When
+ * the socket is full, the request itself - headers and data buffer - is
+ * queued as it is, without copying, and the loop thread writes it out
+ * when the socket drains.  The slot returns to the free list only after
+ * its last byte left.
+ *
+ * SPDX-License-Identifier: BSD-3-Clause
+ */
+#include <errno.h>
+#include <limits.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "conn.h"
+
+static unsigned next_conn_id;
+
+struct conn *conn_new(int rfd, int wfd)
+{
+  struct conn *conn = calloc(1, sizeof *conn);
+  if (conn == NULL)
+    return NULL;
+  conn->id = ++next_conn_id;
+  conn->rfd = rfd;
+  conn->wfd = wfd;
+  pthread_mutex_init(&conn->lock, NULL);
+  pthread_mutex_init(&conn->send_lock, NULL);
+  pthread_mutex_init(&conn->request_lock, NULL);
+  return conn;
+}
+
+static void request_free(struct request *req)
+{
+  free(req->buf);
+  free(req);
+}
+
+void conn_free(struct conn *conn)
+{
+  if (conn->top) {
+    current_identity = &conn->identity;
+    chain_close(conn->top);
+    current_identity = NULL;
+  }
+  struct request *req, *next;
+  for (req = conn->free_requests; req; req = next) {
+    next = req->next;
+    request_free(req);
+  }
+  for (req = conn->send_head; req; req = next) { /* only after a write error */
+    next = req->next;
+    request_free(req);
+  }
+  for (size_t i = 0; i < conn->ncontexts; i++)
+    free(conn->contexts[i].name);
+  free(conn->contexts);
+  free(conn->meta_export);
+  free(conn->export_name);
+  free(conn->opt_data);
+  free(conn->hs_out.data);
+  if (conn->rfd >= 0)
+    close(conn->rfd);
+  if (conn->wfd >= 0 && conn->wfd != conn->rfd)
+    close(conn->wfd);
+  pthread_mutex_destroy(&conn->lock);
+  pthread_mutex_destroy(&conn->send_lock);
+  pthread_mutex_destroy(&conn->request_lock);
+  free(conn);
+}
+
+/* Loop thread: a slot for a new request, or NULL when too many are in
+ * flight (the caller then stops reading). */
+struct request *request_get(struct conn *conn)
+{
+  struct request *req;
+
+  pthread_mutex_lock(&conn->lock);
+  if (conn->in_flight >= MAX_IN_FLIGHT) {
+    pthread_mutex_unlock(&conn->lock);
+    return NULL;
+  }
+  req = conn->free_requests;
+  if (req)
+    conn->free_requests = req->next;
+  conn->in_flight++;
+  pthread_mutex_unlock(&conn->lock);
+
+  if (req == NULL) {
+    req = calloc(1, sizeof *req);
+    if (req == NULL) {
+      pthread_mutex_lock(&conn->lock);
+      conn->in_flight--;
+      pthread_mutex_unlock(&conn->lock);
+      return NULL;
+    }
+  }
+  req->conn = conn;
+  req->next = NULL;
+  req->error = 0;
+  req->payload_len = 0;
+  req->niov = req->iov_done = 0;
+  req->hdr_used = 0;
+  req->reply_bytes = 0;
+  return req;
+}
+
+/* Any thread: the request is over (reply sent, or dropped).  The kick
+ * happens under conn->lock so that the loop, which frees a connection
+ * only after seeing in_flight == 0 under that lock, never frees it while
+ * we still touch it. */
+void request_put(struct request *req)
+{
+  struct conn *conn = req->conn;
+
+  if (req->buf_size > KEEP_BUFFER_SIZE) {
+    free(req->buf);
+    req->buf = NULL;
+    req->buf_size = 0;
+  }
+  pthread_mutex_lock(&conn->lock);
+  req->next = conn->free_requests;
+  conn->free_requests = req;
+  conn->in_flight--;
+  /* The loop needs to hear about it if it paused reading, or if it is
+   * waiting for the connection to go idle. */
+  if (conn->read_paused || conn->state == CONN_CLOSING)
+    conn_kick(conn);
+  pthread_mutex_unlock(&conn->lock);
+}
+
+int request_reserve(struct request *req, size_t size)
+{
+  if (size <= req->buf_size)
+    return 0;
+  /* Round up so a few sizes do not cause a realloc each. */
+  size_t want = size < 4096 ? 4096 : size;
+  char *p = malloc(want);
+  if (p == NULL)
+    return -1;
+  free(req->buf);
+  req->buf = p;
+  req->buf_size = want;
+  return 0;
+}
+
+/* Write as much of REQ's reply as the socket takes now.  Returns 1 when
+ * all went, 0 when the socket is full, -1 on error.  send_lock held. */
+static int write_reply(struct conn *conn, struct request *req)
+{
+  while (req->iov_done < req->niov) {
+    int n = req->niov - req->iov_done;
+    ssize_t r = writev(conn->wfd, &req->iov[req->iov_done], n > IOV_MAX ? IOV_MAX : n);
+    if (r < 0) {
+      if (errno == EINTR)
+        continue;
+      if (errno == EAGAIN || errno == EWOULDBLOCK)
+        return 0;
+      return -1;
+    }
+    size_t left = (size_t) r;
+    while (left > 0 && req->iov_done < req->niov) {
+      struct iovec *v = &req->iov[req->iov_done];
+      if (left >= v->iov_len) {
+        left -= v->iov_len;
+        req->iov_done++;
+      }
+      else {
+        v->iov_base = (char *) v->iov_base + left;
+        v->iov_len -= left;
+        left = 0;
+      }
+    }
+    while (req->iov_done < req->niov && req->iov[req->iov_done].iov_len == 0)
+      req->iov_done++;
+  }
+  return 1;
+}
+
+static size_t unsent_bytes(const struct request *req)
+{
+  size_t total = 0;
+  for (int i = req->iov_done; i < req->niov; i++)
+    total += req->iov[i].iov_len;
+  return total;
+}
+
+void conn_send_reply(struct request *req)
+{
+  struct conn *conn = req->conn;
+  bool done = false, kick = false;
+
+  pthread_mutex_lock(&conn->send_lock);
+  if (conn->write_failed) {
+    done = true;
+  }
+  else if (conn->send_head == NULL) {
+    int r = write_reply(conn, req);
+    if (r != 0)
+      done = true;
+    if (r < 0) {
+      conn->write_failed = true;
+      kick = true;
+    }
+  }
+  if (!done) {
+    /* Queue it whole; the loop writes it when the socket drains. */
+    req->next = NULL;
+    if (conn->send_tail)
+      conn->send_tail->next = req;
+    else
+      conn->send_head = req;
+    conn->send_tail = req;
+    conn->queued_bytes += unsent_bytes(req);
+    kick = true;
+  }
+  pthread_mutex_unlock(&conn->send_lock);
+
+  if (kick) {
+    pthread_mutex_lock(&conn->lock);
+    conn_kick(conn);
+    pthread_mutex_unlock(&conn->lock);
+  }
+  if (done)
+    request_put(req);
+}
+
+/* Loop thread: write queued replies.  Returns false on a write error. */
+bool conn_flush(struct conn *conn)
+{
+  struct request *finished = NULL, **finished_tail = &finished;
+  bool ok = true;
+
+  pthread_mutex_lock(&conn->send_lock);
+  while (conn->send_head && !conn->write_failed) {
+    struct request *req = conn->send_head;
+    size_t before = unsent_bytes(req);
+    int r = write_reply(conn, req);
+    conn->queued_bytes -= before - unsent_bytes(req);
+    if (r < 0)
+      conn->write_failed = true;
+    if (r <= 0)
+      break;
+    conn->send_head = req->next;
+    if (conn->send_head == NULL)
+      conn->send_tail = NULL;
+    req->next = NULL;
+    *finished_tail = req;
+    finished_tail = &req->next;
+  }
+  if (conn->write_failed) {
+    /* The client is gone: drop what is queued. */
+    ok = false;
+    *finished_tail = conn->send_head;
+    conn->send_head = conn->send_tail = NULL;
+    conn->queued_bytes = 0;
+  }
+  pthread_mutex_unlock(&conn->send_lock);
+
+  while (finished) {
+    struct request *next = finished->next;
+    request_put(finished);
+    finished = next;
+  }
+  return ok;
+}
+
+bool conn_is_idle(struct conn *conn)
+{
+  pthread_mutex_lock(&conn->lock);
+  bool idle = conn->in_flight == 0;
+  pthread_mutex_unlock(&conn->lock);
+  return idle;
+}
+
+/* ---- Byte buffers for handshake replies -------------------------------- */
+
+void bytebuf_append(struct bytebuf *b, const void *data, size_t len)
+{
+  if (b->len + len > b->cap) {
+    size_t cap = b->cap ? b->cap : 256;
+    while (cap < b->len + len)
+      cap *= 2;
+    char *p = realloc(b->data, cap);
+    if (p == NULL)
+      die("out of memory");
+    b->data = p;
+    b->cap = cap;
+  }
+  memcpy(b->data + b->len, data, len);
+  b->len += len;
+}
+
+void bytebuf_put_u16(struct bytebuf *b, uint16_t v)
+{
+  v = htobe16(v);
+  bytebuf_append(b, &v, sizeof v);
+}
+
+void bytebuf_put_u32(struct bytebuf *b, uint32_t v)
+{
+  v = htobe32(v);
+  bytebuf_append(b, &v, sizeof v);
+}
+
+void bytebuf_put_u64(struct bytebuf *b, uint64_t v)
+{
+  v = htobe64(v);
+  bytebuf_append(b, &v, sizeof v);
+}

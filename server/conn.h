@@ -1,0 +1,188 @@
+/* nbdserve - per-connection state shared by loop.c, conn.c, handshake.c,
+ * transmission.c and replies.c.
+ *
+ * Ownership: the loop thread owns reading, the handshake buffers and the
+ * connection's life; workers own the requests they run.  Three locks:
+ *   send_lock  - the socket's write side and the queue of unsent replies;
+ *   lock       - the free request slots and the in-flight count;
+ *   kick_lock  - (global) the list of connections the loop must look at.
+ * Lock order: send_lock, then lock, then kick_lock.
+ *
+ * SPDX-License-Identifier: BSD-3-Clause
+ */
+#ifndef NBDSERVE_CONN_H
+#define NBDSERVE_CONN_H
+
+#include <ev.h>
+#include <pthread.h>
+#include <sys/uio.h>
+
+#include "internal.h"
+#include "protocol.h"
+
+/* Reply iovecs per request: header + data chunks of a sparse read. */
+#define REPLY_MAX_IOV 34
+#define REPLY_HDR_SPACE 1024
+/* Requests one connection may have in flight before we stop reading. */
+#define MAX_IN_FLIGHT 128
+/* Unsent reply bytes at which we stop reading more requests. */
+#define MAX_QUEUED_BYTES (16 * 1024 * 1024)
+/* Request buffers larger than this are freed after use, not kept. */
+#define KEEP_BUFFER_SIZE (1024 * 1024)
+#define INBUF_SIZE (64 * 1024)
+
+struct conn;
+
+struct request {
+  struct job job; /* for the worker pool; must stay first */
+  struct conn *conn;
+  struct request *next; /* free list or send queue */
+
+  /* The request as parsed. */
+  uint16_t type, flags;
+  uint64_t cookie, offset, count; /* count: effect length */
+  uint32_t payload_len; /* bytes of payload that followed the header */
+  uint32_t error; /* NBD error decided at parse time, or 0 */
+
+  char *buf; /* payload in, read data out */
+  size_t buf_size;
+
+  /* The reply, as iovecs into hdr[] and buf. */
+  struct iovec iov[REPLY_MAX_IOV];
+  int niov, iov_done;
+  size_t reply_bytes;
+  char hdr[REPLY_HDR_SPACE];
+  size_t hdr_used;
+};
+
+/* Growable byte buffer for handshake replies. */
+struct bytebuf {
+  char *data;
+  size_t len, cap, sent;
+};
+
+enum conn_state {
+  CONN_GREETING, /* greeting queued, waiting for client flags */
+  CONN_OPTIONS, /* reading option headers */
+  CONN_OPTION_BUSY, /* an option is being processed by a worker */
+  CONN_TRANSMISSION,
+  CONN_CLOSING, /* no more reading; close once idle */
+};
+
+/* Result of processing one option. */
+enum option_result { OPTION_PENDING, OPTION_CONTINUE, OPTION_TRANSMIT, OPTION_CLOSE };
+
+struct selected_context {
+  uint32_t id;
+  char *name;
+};
+
+struct conn {
+  unsigned id;
+  int rfd, wfd; /* same socket, except for -s (stdin/stdout) */
+  struct conn *prev_conn, *next_conn; /* all connections, loop-owned */
+  ev_io rio, wio;
+  ev_timer handshake_timer;
+  enum conn_state state;
+  bool read_paused; /* rio stopped for backpressure */
+  bool hard_close; /* drop without waiting (write error) */
+
+  /* Input (loop thread only). */
+  char inbuf[INBUF_SIZE];
+  size_t in_start, in_end;
+  struct request *partial; /* write whose payload is still arriving */
+  size_t partial_got;
+  uint64_t discard_left; /* payload bytes to skip (refused request) */
+
+  /* Handshake (loop thread, or the worker processing an option). */
+  bool fixed_newstyle, no_zeroes, structured, extended;
+  unsigned options_seen;
+  bool opt_header_seen; /* opt_type/opt_len valid, payload arriving */
+  uint32_t opt_type, opt_len; /* option being received / processed */
+  char *opt_data; /* its payload (heap, <= MAX_OPTION_LENGTH) */
+  uint32_t opt_got;
+  enum option_result opt_result; /* set by the worker, under lock */
+  struct job option_job;
+  struct bytebuf hs_out;
+  char *meta_export; /* export the selected contexts were chosen for */
+  struct selected_context *contexts;
+  size_t ncontexts;
+
+  /* Transmission. */
+  struct nbdserve_next *top;
+  char *export_name;
+  struct conn_identity identity;
+  int64_t size;
+  uint16_t eflags;
+  uint32_t bs_min, bs_pref, bs_max;
+  bool readonly;
+  int can_fua, can_cache;
+  pthread_mutex_t request_lock; /* SERIALIZE_REQUESTS */
+
+  /* Request slots and replies. */
+  pthread_mutex_t lock;
+  struct request *free_requests;
+  unsigned in_flight; /* parsed, not yet fully replied */
+  pthread_mutex_t send_lock;
+  struct request *send_head, *send_tail; /* unsent replies, in order */
+  size_t queued_bytes;
+  bool write_failed;
+  bool kicked; /* on the kick list (kick_lock) */
+  struct conn *next_kick;
+};
+
+/* conn.c */
+extern struct conn *conn_new(int rfd, int wfd);
+extern void conn_free(struct conn *conn);
+extern struct request *request_get(struct conn *conn);
+extern void request_put(struct request *req); /* reply sent or dropped */
+extern int request_reserve(struct request *req, size_t size); /* grow buf */
+extern void conn_send_reply(struct request *req); /* iovecs ready: send or queue */
+extern bool conn_flush(struct conn *conn); /* loop: write queued; false on error */
+extern bool conn_is_idle(struct conn *conn); /* nothing in flight or queued */
+extern void bytebuf_append(struct bytebuf *b, const void *data, size_t len);
+extern void bytebuf_put_u16(struct bytebuf *b, uint16_t v);
+extern void bytebuf_put_u32(struct bytebuf *b, uint32_t v);
+extern void bytebuf_put_u64(struct bytebuf *b, uint64_t v);
+
+/* loop.c */
+extern void conn_kick(struct conn *conn); /* ask the loop to look at conn */
+extern bool in_loop_thread(void);
+extern void dispatch_job(struct job *job); /* worker, or inline for never-blocking chains */
+extern void conn_close_when_idle(struct conn *conn);
+extern void conn_pause_for_option(struct conn *conn);
+extern void conn_resume_after_option(struct conn *conn);
+extern bool run_inline; /* chain never blocks: run requests on the loop thread */
+extern int thread_model;
+extern pthread_mutex_t all_requests_lock; /* SERIALIZE_ALL_REQUESTS */
+
+/* handshake.c */
+extern void handshake_start(struct conn *conn); /* queue the greeting */
+/* Loop thread: consume handshake bytes from inbuf.  Returns false when
+ * the connection must close. */
+extern bool handshake_input(struct conn *conn);
+extern void handshake_option_finished(struct conn *conn); /* loop, after the job */
+
+/* transmission.c */
+/* Loop thread: parse and dispatch every whole request in inbuf (and
+ * payloads).  Returns false when the connection must stop reading. */
+extern bool transmission_input(struct conn *conn);
+extern void transmission_read_payload(struct conn *conn); /* read straight into partial */
+extern void conn_set_identity(struct conn *conn);
+
+/* replies.c */
+extern void reply_simple(struct request *req, uint32_t error);
+extern void reply_error(struct request *req, uint32_t error); /* simple or ERROR chunk */
+extern void reply_none(struct request *req); /* success with no payload */
+/* A read is answered as consecutive segments of data (in req->buf at
+ * the same relative offset) and holes. */
+struct read_segment {
+  uint64_t offset, length;
+  bool hole;
+};
+#define MAX_READ_SEGMENTS 16
+extern void reply_read(struct request *req, const struct read_segment *segs, size_t nsegs);
+extern void reply_block_status(struct request *req, struct nbdserve_extents **lists,
+                               const uint32_t *ids, size_t n);
+
+#endif /* NBDSERVE_CONN_H */

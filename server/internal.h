@@ -1,0 +1,182 @@
+/* nbdserve - interfaces between the files of the server core.
+ *
+ * Plugins and filters never see this header; their contract is include/.
+ *
+ * SPDX-License-Identifier: BSD-3-Clause
+ */
+#ifndef NBDSERVE_INTERNAL_H
+#define NBDSERVE_INTERNAL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <sys/types.h>
+
+#include "nbdserve-filter.h"
+#include "nbdserve-plugin.h"
+
+#define PROGRAM_NAME "nbdserve"
+#ifndef PACKAGE_VERSION
+#define PACKAGE_VERSION "0.1.0"
+#endif
+
+#define MIN(a, b) ((a) < (b) ? (a) : (b))
+#define MAX(a, b) ((a) > (b) ? (a) : (b))
+#define ARRAY_SIZE(a) (sizeof(a) / sizeof((a)[0]))
+
+/* ---- main.c: the command line ------------------------------------------ */
+
+enum tls_mode { TLS_OFF = 0, TLS_ON, TLS_REQUIRE };
+
+struct options {
+  const char *unix_socket; /* -U PATH; NULL if none */
+  bool unix_private; /* -U -: a private socket in a temp dir (path in unix_socket) */
+  const char *port; /* -p PORT (default "10809") */
+  const char *ipaddr; /* -i ADDR; NULL = all addresses */
+  bool socket_activation; /* LISTEN_PID/LISTEN_FDS were set for us */
+  int socket_activation_fds; /* how many (starting at fd 3) */
+  bool single; /* -s: serve one connection on stdin/stdout */
+  bool foreground; /* -f */
+  bool readonly; /* -r */
+  bool oldstyle; /* -o */
+  bool verbose; /* -v */
+  bool exit_with_parent;
+  const char *pidfile; /* -P */
+  const char *run; /* --run CMD */
+  const char *export_name; /* -e NAME: name shown in $uri and used with -o */
+  unsigned threads; /* -t N: worker threads */
+  enum tls_mode tls;
+  const char *tls_certificates;
+  const char *tls_psk;
+  bool tls_verify_peer;
+};
+extern struct options opt;
+
+/* Set by the --run child's exit; main returns it. */
+extern int captive_exit_status;
+
+/* ---- log.c --------------------------------------------------------------- */
+/* nbdserve_error / nbdserve_debug (public) do the work; after daemonizing,
+ * messages go to syslog. */
+extern void log_to_syslog(void);
+/* Fatal error during start-up: message and exit(EXIT_FAILURE). */
+extern void die(const char *fmt, ...) NBDSERVE_PRINTF(1, 2) __attribute__((noreturn));
+
+/* ---- sockets.c: listening sockets --------------------------------------- */
+/* Bind every listening socket the options ask for (TCP on each address
+ * of -i/-p, IPv4 and IPv6; or the Unix socket; or the socket-activation
+ * fds).  Dies with a clear message on failure.  Non-blocking fds. */
+extern void open_listeners(int **fds, size_t *nfds);
+extern void remove_unix_socket(void); /* unlink it (and the private dir) at exit */
+
+/* ---- captive.c: --run, pidfile, daemonizing, --exit-with-parent --------- */
+/* URI clients should use, e.g. "nbd+unix:///?socket=/tmp/x/sock" or
+ * "nbd://localhost:10809/". malloc'ed string. */
+extern char *listen_uri(void);
+/* Start opt.run with $uri, $unixsocket, $port, $exportname set; returns its pid. */
+extern pid_t captive_start(void);
+extern void daemonize(void); /* unless -f; also handles -P and --exit-with-parent */
+extern void write_pidfile(void);
+
+/* ---- plugins.c: loading the chain of layers ----------------------------- */
+
+/* One filter or the plugin, shared by all connections. */
+struct layer {
+  struct layer *below; /* NULL for the plugin */
+  bool is_plugin;
+  const char *name; /* short name */
+  char *filename; /* path of the .so */
+  void *dl; /* dlopen handle */
+  struct nbdserve_plugin plugin; /* copied and zero-extended when is_plugin */
+  struct nbdserve_filter filter; /* likewise when !is_plugin */
+  unsigned index; /* 0 = outermost */
+};
+extern struct layer *top_layer; /* outermost filter, or the plugin */
+
+/* Find NAME ("memory", "./x.so", "/abs/path.so") and load it. */
+extern void load_chain(const char *plugin, const char *const *filters, size_t nfilters);
+extern void unload_chain(void);
+/* Route key=value down the chain (filters first, then the plugin).
+ * A bare VALUE (key == NULL) goes to the plugin's magic key. */
+extern int chain_config(const char *key, const char *value);
+extern int chain_config_complete(void);
+extern int chain_get_ready(void);
+extern int chain_thread_model(void); /* the most restrictive of all layers */
+extern bool chain_never_blocks(void); /* every layer declares NEVER_BLOCKS */
+extern void chain_dump(FILE *fp); /* --dump-plugin */
+extern void chain_help(FILE *fp); /* plugin and filter help for --help */
+
+/* ---- backend.c: calling through the chain -------------------------------- */
+
+/* Identity of the connection a callback runs for (public.c exposes it). */
+struct conn_identity {
+  const char *export_name;
+  int is_tls;
+  const char *tls_identity;
+};
+/* Set by the core on the calling thread before calling into the chain. */
+extern __thread const struct conn_identity *current_identity;
+
+/* Per-connection context of one layer: this is struct nbdserve_next. */
+struct nbdserve_next {
+  struct layer *layer;
+  struct nbdserve_next *below; /* context of the layer below, NULL for plugin */
+  void *handle;
+  bool is_open;
+  /* Cached capability answers, -2 = not asked yet. */
+  int64_t size;
+  int can_write, can_flush, is_rotational, can_trim, can_zero, can_fast_zero;
+  int can_fua, can_multi_conn, can_cache, can_extents;
+  int have_block_size;
+  uint32_t bs_min, bs_pref, bs_max;
+};
+
+/* The chain with no connection, for list_exports, default_export and
+ * list_meta_contexts. */
+extern struct nbdserve_next *chain_global(void);
+/* Allocate the contexts of every layer and open them top to bottom
+ * (calling filter prepare callbacks afterwards).  NULL on failure with
+ * errno set and the reason logged. */
+extern struct nbdserve_next *chain_open(int readonly, const char *export_name);
+/* finalize + close every layer and free the contexts. */
+extern void chain_close(struct nbdserve_next *top);
+
+/* Every nbdserve_next_* function is the backend call on that context; on
+ * failure it returns -1 with errno set to a non-zero value (EIO if the
+ * callback gave none).  Emulations live here, at the plugin layer:
+ * FUA by flush, zero by pwrite of zeroes, cache by pread. */
+
+/* Builders (public names from include/, plus these for the core). */
+extern struct nbdserve_exports *exports_new(void);
+extern void exports_free(struct nbdserve_exports *);
+extern size_t exports_count(const struct nbdserve_exports *);
+extern const char *exports_name(const struct nbdserve_exports *, size_t i);
+extern const char *exports_description(const struct nbdserve_exports *, size_t i);
+
+extern struct nbdserve_contexts *contexts_new(void);
+extern void contexts_free(struct nbdserve_contexts *);
+extern size_t contexts_count(const struct nbdserve_contexts *);
+extern const char *contexts_name(const struct nbdserve_contexts *, size_t i);
+
+/* nbdserve_extents_new(offset, count, flags) takes NBDSERVE_FLAG_REQ_ONE;
+ * the list holds at most EXTENTS_MAX descriptors. */
+#define EXTENTS_MAX (1u << 20)
+
+/* ---- workers.c: the thread pool ------------------------------------------- */
+struct job {
+  void (*run)(struct job *job);
+  struct job *next;
+};
+extern void workers_start(unsigned nthreads);
+extern void workers_submit(struct job *job);
+extern void workers_stop(void); /* finish queued jobs, join */
+
+/* ---- loop.c / conn.c / handshake.c / transmission.c --------------------- */
+extern int serve(const int *listen_fds, size_t nfds); /* runs the loop; returns exit status */
+extern void request_shutdown(void); /* async-signal-safe and thread-safe */
+
+/* Map an errno to the NBD error set. */
+extern uint32_t errno_to_nbd(int err);
+
+#endif /* NBDSERVE_INTERNAL_H */

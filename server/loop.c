@@ -1,0 +1,518 @@
+/* nbdserve - the event loop: listening, accepting, reading, signals.
+ *
+ * One libev loop thread owns every socket's read side and every
+ * connection's life.  Other threads talk to it only through conn_kick(),
+ * which puts a connection on a list and wakes the loop with an ev_async.
+ *
+ * SPDX-License-Identifier: BSD-3-Clause
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "conn.h"
+
+bool run_inline;
+int thread_model;
+pthread_mutex_t all_requests_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static struct ev_loop *loop;
+static pthread_t loop_thread;
+static ev_async kick_watcher, shutdown_watcher;
+static ev_signal sigint_watcher, sigterm_watcher;
+static ev_child captive_watcher;
+static ev_io *listen_watchers;
+static size_t nr_listeners;
+static bool accepting_paused;
+static volatile sig_atomic_t shutdown_requested;
+static bool shutting_down;
+static bool exit_when_idle; /* -s: stop when the one connection closes */
+static int exit_status;
+
+static struct conn *all_conns;
+static unsigned nr_conns;
+
+static pthread_mutex_t kick_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct conn *kick_head;
+
+static void conn_service(struct conn *conn);
+static void conn_update_accepting(void);
+
+bool in_loop_thread(void)
+{
+  return pthread_equal(pthread_self(), loop_thread);
+}
+
+/* Caller holds conn->lock (see request_put for why). */
+void conn_kick(struct conn *conn)
+{
+  pthread_mutex_lock(&kick_lock);
+  bool wake = !conn->kicked;
+  if (wake) {
+    conn->kicked = true;
+    conn->next_kick = kick_head;
+    kick_head = conn;
+  }
+  pthread_mutex_unlock(&kick_lock);
+  if (wake)
+    ev_async_send(loop, &kick_watcher);
+}
+
+static void kick_cb(struct ev_loop *l, ev_async *w, int revents)
+{
+  (void) l, (void) w, (void) revents;
+  pthread_mutex_lock(&kick_lock);
+  struct conn *list = kick_head;
+  kick_head = NULL;
+  for (struct conn *c = list; c; c = c->next_kick)
+    c->kicked = false;
+  pthread_mutex_unlock(&kick_lock);
+
+  while (list) {
+    struct conn *next = list->next_kick;
+    conn_service(list);
+    list = next;
+  }
+}
+
+void dispatch_job(struct job *job)
+{
+  if (run_inline)
+    job->run(job);
+  else
+    workers_submit(job);
+}
+
+/* ---- Closing ----------------------------------------------------------- */
+
+static void conn_unlink(struct conn *conn)
+{
+  if (conn->prev_conn)
+    conn->prev_conn->next_conn = conn->next_conn;
+  else
+    all_conns = conn->next_conn;
+  if (conn->next_conn)
+    conn->next_conn->prev_conn = conn->prev_conn;
+  nr_conns--;
+}
+
+static void conn_destroy(struct conn *conn)
+{
+  ev_io_stop(loop, &conn->rio);
+  ev_io_stop(loop, &conn->wio);
+  ev_timer_stop(loop, &conn->handshake_timer);
+  pthread_mutex_lock(&kick_lock);
+  if (conn->kicked) {
+    struct conn **p = &kick_head;
+    while (*p && *p != conn)
+      p = &(*p)->next_kick;
+    if (*p)
+      *p = conn->next_kick;
+    conn->kicked = false;
+  }
+  pthread_mutex_unlock(&kick_lock);
+  nbdserve_debug("connection %u closed", conn->id);
+  conn_unlink(conn);
+  conn_free(conn);
+  conn_update_accepting();
+  if ((shutting_down || exit_when_idle) && nr_conns == 0)
+    ev_break(loop, EVBREAK_ALL);
+}
+
+/* Stop reading from CONN; it closes as soon as nothing is in flight and
+ * every reply has been written. */
+void conn_close_when_idle(struct conn *conn)
+{
+  ev_io_stop(loop, &conn->rio);
+  ev_timer_stop(loop, &conn->handshake_timer);
+  if (conn->partial) {
+    request_put(conn->partial);
+    conn->partial = NULL;
+  }
+  pthread_mutex_lock(&conn->lock);
+  conn->state = CONN_CLOSING;
+  pthread_mutex_unlock(&conn->lock);
+  conn_service(conn);
+}
+
+/* ---- Reading ----------------------------------------------------------- */
+
+static void conn_pause_reading(struct conn *conn)
+{
+  pthread_mutex_lock(&conn->lock);
+  conn->read_paused = true;
+  pthread_mutex_unlock(&conn->lock);
+  ev_io_stop(loop, &conn->rio);
+}
+
+static bool may_read(struct conn *conn)
+{
+  if (conn->state == CONN_CLOSING || conn->state == CONN_OPTION_BUSY)
+    return false;
+  if (conn->state != CONN_TRANSMISSION)
+    return true;
+  bool ok;
+  pthread_mutex_lock(&conn->lock);
+  ok = conn->in_flight < MAX_IN_FLIGHT;
+  pthread_mutex_unlock(&conn->lock);
+  pthread_mutex_lock(&conn->send_lock);
+  ok = ok && conn->queued_bytes < MAX_QUEUED_BYTES;
+  pthread_mutex_unlock(&conn->send_lock);
+  return ok;
+}
+
+/* Handle whatever sits in inbuf; returns false if the connection is to
+ * close. */
+static bool conn_consume(struct conn *conn)
+{
+  if (conn->state == CONN_TRANSMISSION)
+    return transmission_input(conn);
+  if (conn->state == CONN_GREETING || conn->state == CONN_OPTIONS)
+    return handshake_input(conn);
+  return true;
+}
+
+static void read_cb(struct ev_loop *l, ev_io *w, int revents)
+{
+  (void) l, (void) revents;
+  struct conn *conn = w->data;
+
+  if (conn->partial) {
+    transmission_read_payload(conn);
+    if (conn->state == CONN_CLOSING)
+      return;
+    if (conn->partial)
+      return; /* still waiting for payload */
+  }
+  else {
+    /* Compact the buffer, then read as much as fits. */
+    if (conn->in_start > 0) {
+      memmove(conn->inbuf, conn->inbuf + conn->in_start, conn->in_end - conn->in_start);
+      conn->in_end -= conn->in_start;
+      conn->in_start = 0;
+    }
+    ssize_t r = read(conn->rfd, conn->inbuf + conn->in_end, INBUF_SIZE - conn->in_end);
+    if (r < 0) {
+      if (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK)
+        return;
+      nbdserve_debug("connection %u: read: %s", conn->id, strerror(errno));
+      conn_close_when_idle(conn);
+      return;
+    }
+    if (r == 0) {
+      nbdserve_debug("connection %u: client closed the connection", conn->id);
+      conn_close_when_idle(conn);
+      return;
+    }
+    conn->in_end += (size_t) r;
+  }
+  if (!conn_consume(conn)) {
+    conn_close_when_idle(conn);
+    return;
+  }
+  if (conn->state != CONN_CLOSING && !may_read(conn))
+    conn_pause_reading(conn);
+}
+
+static void write_cb(struct ev_loop *l, ev_io *w, int revents)
+{
+  (void) l, (void) revents;
+  conn_service(w->data);
+}
+
+/* Flush handshake output; true when all of it is out. */
+static bool flush_handshake_output(struct conn *conn)
+{
+  struct bytebuf *b = &conn->hs_out;
+  while (b->sent < b->len) {
+    ssize_t r = write(conn->wfd, b->data + b->sent, b->len - b->sent);
+    if (r < 0) {
+      if (errno == EINTR)
+        continue;
+      if (errno == EAGAIN || errno == EWOULDBLOCK)
+        return false;
+      conn->write_failed = true;
+      return false;
+    }
+    b->sent += (size_t) r;
+  }
+  b->len = b->sent = 0;
+  return true;
+}
+
+/* The loop's look at a connection after anything happened to it:
+ * flush output, resume reading, finish a handshake step, or close. */
+static void conn_service(struct conn *conn)
+{
+  bool output_pending;
+
+  if (conn->state == CONN_OPTION_BUSY) {
+    /* Kicked by the worker that processed an option? */
+    pthread_mutex_lock(&conn->lock);
+    bool finished = conn->opt_result != OPTION_PENDING;
+    pthread_mutex_unlock(&conn->lock);
+    if (finished)
+      handshake_option_finished(conn);
+  }
+
+  bool hs_done = flush_handshake_output(conn);
+  bool flushed = conn_flush(conn);
+  pthread_mutex_lock(&conn->send_lock);
+  output_pending = conn->send_head != NULL;
+  pthread_mutex_unlock(&conn->send_lock);
+  output_pending = output_pending || !hs_done;
+
+  if (!flushed || conn->write_failed) {
+    if (conn->state != CONN_CLOSING)
+      conn_close_when_idle(conn);
+    output_pending = false; /* nothing more can be written */
+  }
+
+  if (output_pending)
+    ev_io_start(loop, &conn->wio);
+  else
+    ev_io_stop(loop, &conn->wio);
+
+  if (conn->state == CONN_CLOSING) {
+    if (!output_pending && conn_is_idle(conn))
+      conn_destroy(conn);
+    return;
+  }
+
+  if (conn->read_paused && may_read(conn)) {
+    pthread_mutex_lock(&conn->lock);
+    conn->read_paused = false;
+    pthread_mutex_unlock(&conn->lock);
+    ev_io_start(loop, &conn->rio);
+    /* Requests may already sit in the buffer. */
+    if (!conn_consume(conn)) {
+      conn_close_when_idle(conn);
+      return;
+    }
+    if (conn->state != CONN_CLOSING && !may_read(conn))
+      conn_pause_reading(conn);
+  }
+}
+
+/* Called by handshake.c when an option finished and reading may go on. */
+void conn_resume_after_option(struct conn *conn)
+{
+  ev_io_start(loop, &conn->rio);
+  pthread_mutex_lock(&conn->lock);
+  conn->read_paused = false;
+  pthread_mutex_unlock(&conn->lock);
+  if (!conn_consume(conn))
+    conn_close_when_idle(conn);
+}
+
+void conn_pause_for_option(struct conn *conn)
+{
+  ev_io_stop(loop, &conn->rio);
+}
+
+static void handshake_timeout_cb(struct ev_loop *l, ev_timer *w, int revents)
+{
+  (void) l, (void) revents;
+  struct conn *conn = w->data;
+  if (conn->state == CONN_TRANSMISSION || conn->state == CONN_CLOSING)
+    return;
+  nbdserve_error("connection %u: handshake not finished in time, closing", conn->id);
+  conn_close_when_idle(conn);
+}
+
+#define HANDSHAKE_TIMEOUT 10.0
+
+static void conn_start(int rfd, int wfd)
+{
+  struct conn *conn = conn_new(rfd, wfd);
+  if (conn == NULL) {
+    nbdserve_error("out of memory for a new connection");
+    close(rfd);
+    if (wfd != rfd)
+      close(wfd);
+    return;
+  }
+  conn->next_conn = all_conns;
+  if (all_conns)
+    all_conns->prev_conn = conn;
+  all_conns = conn;
+  nr_conns++;
+  ev_io_init(&conn->rio, read_cb, rfd, EV_READ);
+  ev_io_init(&conn->wio, write_cb, wfd, EV_WRITE);
+  conn->rio.data = conn->wio.data = conn;
+  ev_timer_init(&conn->handshake_timer, handshake_timeout_cb, HANDSHAKE_TIMEOUT, 0.);
+  conn->handshake_timer.data = conn;
+  ev_timer_start(loop, &conn->handshake_timer);
+  nbdserve_debug("connection %u opened", conn->id);
+  handshake_start(conn);
+  ev_io_start(loop, &conn->rio);
+  conn_service(conn);
+  conn_update_accepting();
+}
+
+/* ---- Accepting --------------------------------------------------------- */
+
+static void conn_update_accepting(void)
+{
+  bool pause = shutting_down ||
+               (thread_model == NBDSERVE_THREAD_MODEL_SERIALIZE_CONNECTIONS && nr_conns > 0);
+  if (pause == accepting_paused)
+    return;
+  accepting_paused = pause;
+  for (size_t i = 0; i < nr_listeners; i++) {
+    if (pause)
+      ev_io_stop(loop, &listen_watchers[i]);
+    else
+      ev_io_start(loop, &listen_watchers[i]);
+  }
+}
+
+static void accept_cb(struct ev_loop *l, ev_io *w, int revents)
+{
+  (void) l, (void) revents;
+  /* Accept a batch: under load several clients are usually waiting. */
+  for (int i = 0; i < 64 && !accepting_paused; i++) {
+    int fd = accept4(w->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (fd < 0) {
+      if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR &&
+          errno != ECONNABORTED)
+        nbdserve_error("accept: %s", strerror(errno));
+      return;
+    }
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one); /* fails on Unix: fine */
+    conn_start(fd, fd);
+  }
+}
+
+/* ---- Shutdown and signals --------------------------------------------- */
+
+void request_shutdown(void)
+{
+  shutdown_requested = 1;
+  if (loop)
+    ev_async_send(loop, &shutdown_watcher);
+}
+
+static void begin_shutdown(void)
+{
+  if (shutting_down)
+    return;
+  shutting_down = true;
+  nbdserve_debug("shutting down: finishing requests in flight");
+  conn_update_accepting();
+  /* Every connection stops reading and closes once its replies are out. */
+  struct conn *c = all_conns, *next;
+  for (; c; c = next) {
+    next = c->next_conn;
+    if (c->state != CONN_CLOSING)
+      conn_close_when_idle(c);
+  }
+  if (nr_conns == 0)
+    ev_break(loop, EVBREAK_ALL);
+}
+
+static void shutdown_cb(struct ev_loop *l, ev_async *w, int revents)
+{
+  (void) l, (void) w, (void) revents;
+  begin_shutdown();
+}
+
+static void signal_cb(struct ev_loop *l, ev_signal *w, int revents)
+{
+  (void) l, (void) revents;
+  nbdserve_debug("signal %d received", w->signum);
+  begin_shutdown();
+}
+
+static void captive_cb(struct ev_loop *l, ev_child *w, int revents)
+{
+  (void) l, (void) revents;
+  ev_child_stop(loop, w);
+  if (WIFEXITED(w->rstatus))
+    exit_status = WEXITSTATUS(w->rstatus);
+  else if (WIFSIGNALED(w->rstatus)) {
+    nbdserve_error("--run command killed by signal %d", WTERMSIG(w->rstatus));
+    exit_status = 128 + WTERMSIG(w->rstatus);
+  }
+  else
+    exit_status = EXIT_FAILURE;
+  captive_exit_status = exit_status;
+  begin_shutdown();
+}
+
+/* ---- Entry ------------------------------------------------------------- */
+
+int serve(const int *listen_fds, size_t nfds)
+{
+  signal(SIGPIPE, SIG_IGN);
+  loop = ev_default_loop(EVFLAG_AUTO | EVFLAG_NOSIGMASK);
+  if (loop == NULL)
+    die("cannot initialise the event loop (libev)");
+  loop_thread = pthread_self();
+
+  thread_model = chain_thread_model();
+  run_inline = chain_never_blocks();
+  if (!run_inline)
+    workers_start(opt.threads);
+  nbdserve_debug("thread model %d, requests run %s", thread_model,
+                 run_inline ? "on the loop thread" : "on worker threads");
+
+  ev_async_init(&kick_watcher, kick_cb);
+  ev_async_start(loop, &kick_watcher);
+  ev_async_init(&shutdown_watcher, shutdown_cb);
+  ev_async_start(loop, &shutdown_watcher);
+  ev_signal_init(&sigint_watcher, signal_cb, SIGINT);
+  ev_signal_start(loop, &sigint_watcher);
+  ev_signal_init(&sigterm_watcher, signal_cb, SIGTERM);
+  ev_signal_start(loop, &sigterm_watcher);
+
+  nr_listeners = nfds;
+  listen_watchers = calloc(nfds ? nfds : 1, sizeof *listen_watchers);
+  if (listen_watchers == NULL)
+    die("out of memory");
+  for (size_t i = 0; i < nfds; i++) {
+    ev_io_init(&listen_watchers[i], accept_cb, listen_fds[i], EV_READ);
+    ev_io_start(loop, &listen_watchers[i]);
+  }
+
+  if (opt.single) {
+    int rfd = dup(STDIN_FILENO), wfd = dup(STDOUT_FILENO);
+    if (rfd < 0 || wfd < 0)
+      die("-s: cannot use stdin/stdout: %s", strerror(errno));
+    fcntl(rfd, F_SETFL, fcntl(rfd, F_GETFL) | O_NONBLOCK);
+    fcntl(wfd, F_SETFL, fcntl(wfd, F_GETFL) | O_NONBLOCK);
+    /* stdout must not receive anything else from now on. */
+    int devnull = open("/dev/null", O_WRONLY);
+    if (devnull >= 0) {
+      dup2(devnull, STDOUT_FILENO);
+      close(devnull);
+    }
+    conn_start(rfd, wfd);
+    exit_when_idle = true;
+  }
+
+  if (opt.run) {
+    pid_t pid = captive_start();
+    ev_child_init(&captive_watcher, captive_cb, pid, 0);
+    ev_child_start(loop, &captive_watcher);
+  }
+
+  if (shutdown_requested)
+    begin_shutdown();
+  ev_run(loop, 0);
+
+  if (!run_inline)
+    workers_stop();
+  for (size_t i = 0; i < nfds; i++)
+    close(listen_fds[i]);
+  free(listen_watchers);
+  return exit_status;
+}
