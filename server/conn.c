@@ -148,6 +148,25 @@ int request_reserve(struct request *req, size_t size)
   return 0;
 }
 
+/* Consume N written bytes from the front of REQ's reply; returns what
+ * is left of N once REQ is complete. */
+static size_t advance_reply(struct request *req, size_t n)
+{
+  while (n > 0 && req->iov_done < req->niov) {
+    struct iovec *v = &req->iov[req->iov_done];
+    if (n >= v->iov_len) {
+      n -= v->iov_len;
+      req->iov_done++;
+    }
+    else {
+      v->iov_base = (char *) v->iov_base + n;
+      v->iov_len -= n;
+      n = 0;
+    }
+  }
+  return n;
+}
+
 /* Write as much of REQ's reply as the socket takes now.  Returns 1 when
  * all went, 0 when the socket is full, -1 on error.  send_lock held. */
 static int write_reply(struct conn *conn, struct request *req)
@@ -162,19 +181,7 @@ static int write_reply(struct conn *conn, struct request *req)
         return 0;
       return -1;
     }
-    size_t left = (size_t) r;
-    while (left > 0 && req->iov_done < req->niov) {
-      struct iovec *v = &req->iov[req->iov_done];
-      if (left >= v->iov_len) {
-        left -= v->iov_len;
-        req->iov_done++;
-      }
-      else {
-        v->iov_base = (char *) v->iov_base + left;
-        v->iov_len -= left;
-        left = 0;
-      }
-    }
+    advance_reply(req, (size_t) r);
     while (req->iov_done < req->niov && req->iov[req->iov_done].iov_len == 0)
       req->iov_done++;
   }
@@ -198,7 +205,7 @@ void conn_send_reply(struct request *req)
   if (conn->write_failed) {
     done = true;
   }
-  else if (conn->send_head == NULL) {
+  else if (conn->send_head == NULL && !conn->batching) {
     int r = write_reply(conn, req);
     if (r != 0)
       done = true;
@@ -216,7 +223,7 @@ void conn_send_reply(struct request *req)
       conn->send_head = req;
     conn->send_tail = req;
     conn->queued_bytes += unsent_bytes(req);
-    kick = true;
+    kick = !conn->batching; /* a batching loop flushes by itself */
   }
   pthread_mutex_unlock(&conn->send_lock);
 
@@ -229,28 +236,42 @@ void conn_send_reply(struct request *req)
     request_put(req);
 }
 
-/* Loop thread: write queued replies.  Returns false on a write error. */
+/* Loop thread: write queued replies, many per writev.  Returns false on
+ * a write error. */
 bool conn_flush(struct conn *conn)
 {
   struct request *finished = NULL, **finished_tail = &finished;
+  struct iovec iov[IOV_MAX];
   bool ok = true;
 
   pthread_mutex_lock(&conn->send_lock);
   while (conn->send_head && !conn->write_failed) {
-    struct request *req = conn->send_head;
-    size_t before = unsent_bytes(req);
-    int r = write_reply(conn, req);
-    conn->queued_bytes -= before - unsent_bytes(req);
-    if (r < 0)
-      conn->write_failed = true;
-    if (r <= 0)
+    int niov = 0;
+    for (struct request *req = conn->send_head; req && niov < IOV_MAX; req = req->next)
+      for (int i = req->iov_done; i < req->niov && niov < IOV_MAX; i++)
+        iov[niov++] = req->iov[i];
+    ssize_t r = writev(conn->wfd, iov, niov);
+    if (r < 0) {
+      if (errno == EINTR)
+        continue;
+      if (errno != EAGAIN && errno != EWOULDBLOCK)
+        conn->write_failed = true;
       break;
-    conn->send_head = req->next;
-    if (conn->send_head == NULL)
-      conn->send_tail = NULL;
-    req->next = NULL;
-    *finished_tail = req;
-    finished_tail = &req->next;
+    }
+    size_t left = (size_t) r;
+    conn->queued_bytes -= MIN(conn->queued_bytes, left);
+    while (conn->send_head) {
+      struct request *req = conn->send_head;
+      left = advance_reply(req, left);
+      if (req->iov_done < req->niov)
+        break;
+      conn->send_head = req->next;
+      if (conn->send_head == NULL)
+        conn->send_tail = NULL;
+      req->next = NULL;
+      *finished_tail = req;
+      finished_tail = &req->next;
+    }
   }
   if (conn->write_failed) {
     /* The client is gone: drop what is queued. */

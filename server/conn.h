@@ -102,6 +102,7 @@ struct conn {
   char *opt_data; /* its payload (heap, <= MAX_OPTION_LENGTH) */
   uint32_t opt_got;
   enum option_result opt_result; /* set by the worker, under lock */
+  bool opt_running; /* a worker owns hs_out (under lock) */
   struct job option_job;
   struct bytebuf hs_out;
   char *meta_export; /* export the selected contexts were chosen for */
@@ -127,6 +128,7 @@ struct conn {
   struct request *send_head, *send_tail; /* unsent replies, in order */
   size_t queued_bytes;
   bool write_failed;
+  bool batching; /* inline mode: replies wait for one writev at the end */
   bool kicked; /* on the kick list (kick_lock) */
   struct conn *next_kick;
 };

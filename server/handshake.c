@@ -453,6 +453,8 @@ static void option_job_run(struct job *job)
 
   pthread_mutex_lock(&conn->lock);
   conn->opt_result = result;
+  conn->opt_running = false;
+  conn->in_flight--; /* the connection may be freed once we unlock */
   conn_kick(conn);
   pthread_mutex_unlock(&conn->lock);
 }
@@ -479,6 +481,8 @@ static void oldstyle_job_run(struct job *job)
   current_identity = NULL;
   pthread_mutex_lock(&conn->lock);
   conn->opt_result = result;
+  conn->opt_running = false;
+  conn->in_flight--; /* the connection may be freed once we unlock */
   conn_kick(conn);
   pthread_mutex_unlock(&conn->lock);
 }
@@ -486,7 +490,11 @@ static void oldstyle_job_run(struct job *job)
 static void start_option_job(struct conn *conn, void (*run)(struct job *))
 {
   conn->state = CONN_OPTION_BUSY;
+  pthread_mutex_lock(&conn->lock);
   conn->opt_result = OPTION_PENDING;
+  conn->opt_running = true;
+  conn->in_flight++; /* keeps the connection alive while the job runs */
+  pthread_mutex_unlock(&conn->lock);
   conn_pause_for_option(conn);
   conn->option_job.run = run;
   dispatch_job(&conn->option_job);
@@ -587,26 +595,6 @@ bool handshake_input(struct conn *conn)
   return true;
 }
 
-/* Bytes of the final handshake reply that the socket did not take at
- * once must still go out before any transmission reply: queue them as a
- * reply of their own. */
-static bool queue_handshake_rest(struct conn *conn)
-{
-  struct bytebuf *b = &conn->hs_out;
-  if (b->sent == b->len)
-    return true;
-  struct request *req = request_get(conn);
-  if (req == NULL || request_reserve(req, b->len - b->sent) == -1)
-    return false;
-  memcpy(req->buf, b->data + b->sent, b->len - b->sent);
-  req->iov[0].iov_base = req->buf;
-  req->iov[0].iov_len = b->len - b->sent;
-  req->niov = 1;
-  b->len = b->sent = 0;
-  conn_send_reply(req);
-  return true;
-}
-
 void handshake_option_finished(struct conn *conn)
 {
   enum option_result result = conn->opt_result;
@@ -628,19 +616,7 @@ void handshake_option_finished(struct conn *conn)
                    conn->structured ? ", structured replies" : "",
                    conn->extended ? ", extended headers" : "");
     ev_timer_stop(ev_default_loop(0), &conn->handshake_timer);
-    /* Write what we can now; the rest is queued in order. */
-    struct bytebuf *b = &conn->hs_out;
-    while (b->sent < b->len) {
-      ssize_t w = write(conn->wfd, b->data + b->sent, b->len - b->sent);
-      if (w <= 0)
-        break;
-      b->sent += (size_t) w;
-    }
-    conn->state = CONN_TRANSMISSION;
-    if (!queue_handshake_rest(conn)) {
-      conn_close_when_idle(conn);
-      return;
-    }
+    conn->state = CONN_TRANSMISSION; /* the loop flushed hs_out already */
     conn_resume_after_option(conn);
     return;
   }

@@ -127,9 +127,12 @@ static void conn_destroy(struct conn *conn)
 }
 
 /* Stop reading from CONN; it closes as soon as nothing is in flight and
- * every reply has been written. */
+ * every reply has been written.  Only marks the connection: the service
+ * step that ends every loop callback does the rest. */
 void conn_close_when_idle(struct conn *conn)
 {
+  if (conn->state == CONN_CLOSING)
+    return;
   ev_io_stop(loop, &conn->rio);
   ev_timer_stop(loop, &conn->handshake_timer);
   if (conn->partial) {
@@ -139,18 +142,9 @@ void conn_close_when_idle(struct conn *conn)
   pthread_mutex_lock(&conn->lock);
   conn->state = CONN_CLOSING;
   pthread_mutex_unlock(&conn->lock);
-  conn_service(conn);
 }
 
 /* ---- Reading ----------------------------------------------------------- */
-
-static void conn_pause_reading(struct conn *conn)
-{
-  pthread_mutex_lock(&conn->lock);
-  conn->read_paused = true;
-  pthread_mutex_unlock(&conn->lock);
-  ev_io_stop(loop, &conn->rio);
-}
 
 static bool may_read(struct conn *conn)
 {
@@ -168,27 +162,68 @@ static bool may_read(struct conn *conn)
   return ok;
 }
 
-/* Handle whatever sits in inbuf; returns false if the connection is to
- * close. */
-static bool conn_consume(struct conn *conn)
+/* Handle whatever sits in inbuf; closes the connection on a protocol
+ * violation. */
+static void conn_consume(struct conn *conn)
 {
-  if (conn->state == CONN_TRANSMISSION)
-    return transmission_input(conn);
-  if (conn->state == CONN_GREETING || conn->state == CONN_OPTIONS)
-    return handshake_input(conn);
-  return true;
+  bool ok = true;
+  if (conn->state == CONN_TRANSMISSION) {
+    /* Requests run right here when the chain never blocks: gather their
+     * replies and send them with one writev in conn_service. */
+    pthread_mutex_lock(&conn->send_lock);
+    conn->batching = run_inline;
+    pthread_mutex_unlock(&conn->send_lock);
+    ok = transmission_input(conn);
+    pthread_mutex_lock(&conn->send_lock);
+    conn->batching = false;
+    pthread_mutex_unlock(&conn->send_lock);
+  }
+  else if (conn->state == CONN_GREETING || conn->state == CONN_OPTIONS)
+    ok = handshake_input(conn);
+  if (!ok)
+    conn_close_when_idle(conn);
 }
 
-static void read_cb(struct ev_loop *l, ev_io *w, int revents)
+static void set_read_paused(struct conn *conn, bool paused)
 {
-  (void) l, (void) revents;
-  struct conn *conn = w->data;
+  pthread_mutex_lock(&conn->lock);
+  conn->read_paused = paused;
+  pthread_mutex_unlock(&conn->lock);
+  if (paused)
+    ev_io_stop(loop, &conn->rio);
+  else
+    ev_io_start(loop, &conn->rio);
+}
 
+/* Backpressure: pause reading while too much is in flight or queued,
+ * resume when it drained.  A completion that races with pausing is
+ * caught by the second look.  Returns true if it parsed more buffered
+ * input (which may have produced replies to flush). */
+static bool conn_update_reading(struct conn *conn)
+{
+  if (conn->state != CONN_TRANSMISSION)
+    return false;
+  if (!may_read(conn)) {
+    if (conn->read_paused)
+      return false;
+    set_read_paused(conn, true);
+    if (!may_read(conn))
+      return false; /* a completion will kick us */
+  }
+  if (conn->read_paused)
+    set_read_paused(conn, false);
+  /* Whole requests left in the buffer when we last stopped parsing? */
+  size_t before = conn->in_start;
+  if (conn->partial == NULL && conn->in_end - conn->in_start > 0)
+    conn_consume(conn);
+  return conn->in_start != before;
+}
+
+static void conn_read(struct conn *conn)
+{
   if (conn->partial) {
     transmission_read_payload(conn);
-    if (conn->state == CONN_CLOSING)
-      return;
-    if (conn->partial)
+    if (conn->partial || conn->state == CONN_CLOSING)
       return; /* still waiting for payload */
   }
   else {
@@ -213,18 +248,7 @@ static void read_cb(struct ev_loop *l, ev_io *w, int revents)
     }
     conn->in_end += (size_t) r;
   }
-  if (!conn_consume(conn)) {
-    conn_close_when_idle(conn);
-    return;
-  }
-  if (conn->state != CONN_CLOSING && !may_read(conn))
-    conn_pause_reading(conn);
-}
-
-static void write_cb(struct ev_loop *l, ev_io *w, int revents)
-{
-  (void) l, (void) revents;
-  conn_service(w->data);
+  conn_consume(conn);
 }
 
 /* Flush handshake output; true when all of it is out. */
@@ -236,9 +260,8 @@ static bool flush_handshake_output(struct conn *conn)
     if (r < 0) {
       if (errno == EINTR)
         continue;
-      if (errno == EAGAIN || errno == EWOULDBLOCK)
-        return false;
-      conn->write_failed = true;
+      if (errno != EAGAIN && errno != EWOULDBLOCK)
+        conn->write_failed = true;
       return false;
     }
     b->sent += (size_t) r;
@@ -247,69 +270,90 @@ static bool flush_handshake_output(struct conn *conn)
   return true;
 }
 
-/* The loop's look at a connection after anything happened to it:
- * flush output, resume reading, finish a handshake step, or close. */
+static bool option_job_finished(struct conn *conn)
+{
+  pthread_mutex_lock(&conn->lock);
+  bool finished = conn->opt_result != OPTION_PENDING;
+  pthread_mutex_unlock(&conn->lock);
+  return finished;
+}
+
+/* Write what is pending; true if output is still waiting for the socket. */
+static bool conn_write_pending(struct conn *conn)
+{
+  bool pending = false;
+
+  /* hs_out belongs to the option worker while one runs. */
+  pthread_mutex_lock(&conn->lock);
+  bool job_owns_output = conn->opt_running;
+  pthread_mutex_unlock(&conn->lock);
+  if (!job_owns_output && !flush_handshake_output(conn))
+    pending = true;
+  if (!conn_flush(conn))
+    conn->write_failed = true;
+  pthread_mutex_lock(&conn->send_lock);
+  pending = pending || conn->send_head != NULL;
+  pthread_mutex_unlock(&conn->send_lock);
+  return pending && !conn->write_failed;
+}
+
+/* The loop's look at a connection after anything happened to it: flush
+ * output, finish a handshake step, apply backpressure, or close.  Every
+ * loop callback for a connection ends here, and this is the only place
+ * a connection is destroyed, so nothing runs on a freed connection. */
 static void conn_service(struct conn *conn)
 {
-  bool output_pending;
-
-  if (conn->state == CONN_OPTION_BUSY) {
-    /* Kicked by the worker that processed an option? */
-    pthread_mutex_lock(&conn->lock);
-    bool finished = conn->opt_result != OPTION_PENDING;
-    pthread_mutex_unlock(&conn->lock);
-    if (finished)
+  if (conn->state == CONN_OPTION_BUSY && option_job_finished(conn)) {
+    /* The option's replies go out before anything else happens. */
+    if (flush_handshake_output(conn))
       handshake_option_finished(conn);
-  }
-
-  bool hs_done = flush_handshake_output(conn);
-  bool flushed = conn_flush(conn);
-  pthread_mutex_lock(&conn->send_lock);
-  output_pending = conn->send_head != NULL;
-  pthread_mutex_unlock(&conn->send_lock);
-  output_pending = output_pending || !hs_done;
-
-  if (!flushed || conn->write_failed) {
-    if (conn->state != CONN_CLOSING)
+    else if (conn->write_failed)
       conn_close_when_idle(conn);
-    output_pending = false; /* nothing more can be written */
   }
 
-  if (output_pending)
+  bool pending;
+  int rounds = 0;
+  do {
+    pending = conn_write_pending(conn);
+    if (conn->write_failed)
+      conn_close_when_idle(conn);
+  } while (conn_update_reading(conn) && ++rounds < 64);
+  if (rounds == 64) {
+    /* Plenty parsed in one go: let other connections have a turn and
+     * come back to this one. */
+    pending = conn_write_pending(conn);
+    pthread_mutex_lock(&conn->lock);
+    conn_kick(conn);
+    pthread_mutex_unlock(&conn->lock);
+  }
+
+  if (pending)
     ev_io_start(loop, &conn->wio);
   else
     ev_io_stop(loop, &conn->wio);
 
-  if (conn->state == CONN_CLOSING) {
-    if (!output_pending && conn_is_idle(conn))
-      conn_destroy(conn);
-    return;
-  }
-
-  if (conn->read_paused && may_read(conn)) {
-    pthread_mutex_lock(&conn->lock);
-    conn->read_paused = false;
-    pthread_mutex_unlock(&conn->lock);
-    ev_io_start(loop, &conn->rio);
-    /* Requests may already sit in the buffer. */
-    if (!conn_consume(conn)) {
-      conn_close_when_idle(conn);
-      return;
-    }
-    if (conn->state != CONN_CLOSING && !may_read(conn))
-      conn_pause_reading(conn);
-  }
+  if (conn->state == CONN_CLOSING && !pending && conn_is_idle(conn))
+    conn_destroy(conn);
 }
 
-/* Called by handshake.c when an option finished and reading may go on. */
+static void read_cb(struct ev_loop *l, ev_io *w, int revents)
+{
+  (void) l, (void) revents;
+  conn_read(w->data);
+  conn_service(w->data);
+}
+
+static void write_cb(struct ev_loop *l, ev_io *w, int revents)
+{
+  (void) l, (void) revents;
+  conn_service(w->data);
+}
+
+/* Called by handshake.c (from conn_service) when an option finished. */
 void conn_resume_after_option(struct conn *conn)
 {
   ev_io_start(loop, &conn->rio);
-  pthread_mutex_lock(&conn->lock);
-  conn->read_paused = false;
-  pthread_mutex_unlock(&conn->lock);
-  if (!conn_consume(conn))
-    conn_close_when_idle(conn);
+  conn_consume(conn);
 }
 
 void conn_pause_for_option(struct conn *conn)
@@ -325,6 +369,7 @@ static void handshake_timeout_cb(struct ev_loop *l, ev_timer *w, int revents)
     return;
   nbdserve_error("connection %u: handshake not finished in time, closing", conn->id);
   conn_close_when_idle(conn);
+  conn_service(conn);
 }
 
 #define HANDSHAKE_TIMEOUT 10.0
@@ -351,8 +396,9 @@ static void conn_start(int rfd, int wfd)
   conn->handshake_timer.data = conn;
   ev_timer_start(loop, &conn->handshake_timer);
   nbdserve_debug("connection %u opened", conn->id);
+  if (!opt.oldstyle)
+    ev_io_start(loop, &conn->rio); /* oldstyle reads only after the export is open */
   handshake_start(conn);
-  ev_io_start(loop, &conn->rio);
   conn_service(conn);
   conn_update_accepting();
 }
@@ -412,8 +458,8 @@ static void begin_shutdown(void)
   struct conn *c = all_conns, *next;
   for (; c; c = next) {
     next = c->next_conn;
-    if (c->state != CONN_CLOSING)
-      conn_close_when_idle(c);
+    conn_close_when_idle(c);
+    conn_service(c);
   }
   if (nr_conns == 0)
     ev_break(loop, EVBREAK_ALL);
