@@ -226,12 +226,13 @@ static enum option_result opt_export_name(struct conn *conn)
   if (name == NULL)
     die("out of memory");
   int r = open_export(conn, name, msg, sizeof msg);
+  /* Contexts were chosen for a name; another name means none. */
+  if (conn->meta_export == NULL || strcmp(conn->meta_export, name) != 0)
+    meta_clear(conn);
   free(name);
   if (r == -1)
     return OPTION_CLOSE; /* EXPORT_NAME has no error reply */
 
-  /* Contexts were chosen for a name; another name means none. */
-  conn->ncontexts = 0;
   bytebuf_put_u64(&conn->hs_out, (uint64_t) conn->size);
   bytebuf_put_u16(&conn->hs_out, conn->eflags);
   if (!conn->no_zeroes) {

@@ -117,6 +117,8 @@ struct conn_identity {
 };
 /* Set by the core on the calling thread before calling into the chain. */
 extern __thread const struct conn_identity *current_identity;
+/* The errno a callback chose with nbdserve_set_error (0 = none). */
+extern __thread int backend_error;
 
 /* Per-connection context of one layer: this is struct nbdserve_next. */
 struct nbdserve_next {

@@ -1,0 +1,356 @@
+/* nbdserve - finding, loading and checking plugins and filters, and
+ * routing the configuration down the chain.
+ *
+ * SPDX-License-Identifier: BSD-3-Clause
+ */
+#include <dlfcn.h>
+#include <errno.h>
+#include <limits.h>
+#include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+#ifndef PLUGINDIR
+#define PLUGINDIR "/usr/local/lib/nbdserve/plugins"
+#endif
+#ifndef FILTERDIR
+#define FILTERDIR "/usr/local/lib/nbdserve/filters"
+#endif
+
+struct layer *top_layer;
+static struct layer *plugin_layer;
+
+static bool is_path(const char *name)
+{
+  size_t len = strlen(name);
+  return strchr(name, '/') != NULL || (len > 3 && strcmp(name + len - 3, ".so") == 0);
+}
+
+static bool valid_short_name(const char *name)
+{
+  if (name == NULL || name[0] == '\0')
+    return false;
+  for (const char *p = name; *p; p++)
+    if (!((*p >= 'a' && *p <= 'z') || (*p >= '0' && *p <= '9') || *p == '_' || *p == '-'))
+      return false;
+  return true;
+}
+
+/* Directory holding the running binary, for uninstalled use. */
+static char *binary_dir(void)
+{
+  char path[PATH_MAX];
+  ssize_t n = readlink("/proc/self/exe", path, sizeof path - 1);
+  if (n <= 0)
+    return NULL;
+  path[n] = '\0';
+  char *slash = strrchr(path, '/');
+  if (slash)
+    *slash = '\0';
+  return strdup(path);
+}
+
+/* Where the .so for NAME lives: a path as given, the build tree next to
+ * the binary, or the installed directory. */
+static char *find_object(const char *name, const char *kind, const char *installed_dir)
+{
+  char *path = NULL;
+  if (is_path(name))
+    return strdup(name);
+  if (!valid_short_name(name))
+    die("%s name '%s' is not valid (use a short name such as 'memory' or a path to a .so)",
+        kind, name);
+  char *dir = binary_dir();
+  if (dir) {
+    if (asprintf(&path, "%s/%ss/%s/nbdserve-%s-%s.so", dir, kind, name, name, kind) < 0)
+      die("out of memory");
+    free(dir);
+    if (access(path, R_OK) == 0)
+      return path;
+    free(path);
+  }
+  if (asprintf(&path, "%s/nbdserve-%s-%s.so", installed_dir, name, kind) < 0)
+    die("out of memory");
+  return path;
+}
+
+/* Copy a registered struct of SIZE bytes (as compiled) into DEST of
+ * OUR_SIZE bytes: older, shorter structs are zero-extended; newer,
+ * longer ones have their unknown tail ignored. */
+static void copy_struct(void *dest, size_t our_size, const void *src, uint32_t size,
+                        size_t min_size, const char *what, const char *path)
+{
+  if (size < min_size)
+    die("%s %s: its struct is %u bytes, too small to be an nbdserve %s "
+        "(was it built against these headers?)", what, path, size, what);
+  memset(dest, 0, our_size);
+  memcpy(dest, src, MIN((size_t) size, our_size));
+}
+
+static struct layer *load_layer(const char *name, bool is_plugin)
+{
+  const char *kind = is_plugin ? "plugin" : "filter";
+  struct layer *l = calloc(1, sizeof *l);
+  if (l == NULL)
+    die("out of memory");
+  l->is_plugin = is_plugin;
+  l->filename = find_object(name, kind, is_plugin ? PLUGINDIR : FILTERDIR);
+  l->dl = dlopen(l->filename, RTLD_NOW | RTLD_LOCAL);
+  if (l->dl == NULL) {
+    if (!is_path(name) && access(l->filename, F_OK) != 0)
+      die("there is no %s called '%s' (looked for %s)", kind, name, l->filename);
+    die("cannot load %s %s: %s", kind, l->filename, dlerror());
+  }
+
+  const char *symbol = is_plugin ? "nbdserve_plugin_init" : "nbdserve_filter_init";
+  void *init = dlsym(l->dl, symbol);
+  if (init == NULL)
+    die("%s is not an nbdserve %s: it has no %s symbol (use NBDSERVE_REGISTER_%s)",
+        l->filename, kind, symbol, is_plugin ? "PLUGIN" : "FILTER");
+
+  if (is_plugin) {
+    const struct nbdserve_plugin *p = ((const struct nbdserve_plugin *(*) (void)) init)();
+    if (p == NULL)
+      die("plugin %s: registration returned nothing", l->filename);
+    if (p->api_version != NBDSERVE_API_VERSION)
+      die("plugin %s was built for ABI version %u, this server speaks version %d",
+          l->filename, p->api_version, NBDSERVE_API_VERSION);
+    copy_struct(&l->plugin, sizeof l->plugin, p, p->struct_size,
+                offsetof(struct nbdserve_plugin, load), kind, l->filename);
+    if (!valid_short_name(l->plugin.name))
+      die("plugin %s: missing or invalid name", l->filename);
+    if (!l->plugin.open || !l->plugin.get_size || !l->plugin.pread)
+      die("plugin %s: open, get_size and pread are required", l->plugin.name);
+    if (l->plugin.thread_model < NBDSERVE_THREAD_MODEL_SERIALIZE_CONNECTIONS ||
+        l->plugin.thread_model > NBDSERVE_THREAD_MODEL_PARALLEL)
+      die("plugin %s: unknown thread model %d", l->plugin.name, l->plugin.thread_model);
+    l->name = l->plugin.name;
+    if (l->plugin.load && l->plugin.load() == -1)
+      die("plugin %s: load failed", l->name);
+  }
+  else {
+    const struct nbdserve_filter *f = ((const struct nbdserve_filter *(*) (void)) init)();
+    if (f == NULL)
+      die("filter %s: registration returned nothing", l->filename);
+    if (f->api_version != NBDSERVE_API_VERSION)
+      die("filter %s was built for ABI version %u, this server speaks version %d",
+          l->filename, f->api_version, NBDSERVE_API_VERSION);
+    copy_struct(&l->filter, sizeof l->filter, f, f->struct_size,
+                offsetof(struct nbdserve_filter, load), kind, l->filename);
+    if (!valid_short_name(l->filter.name))
+      die("filter %s: missing or invalid name", l->filename);
+    if (l->filter.thread_model < 0 || l->filter.thread_model > NBDSERVE_THREAD_MODEL_PARALLEL)
+      die("filter %s: unknown thread model %d", l->filter.name, l->filter.thread_model);
+    l->name = l->filter.name;
+    if (l->filter.load && l->filter.load() == -1)
+      die("filter %s: load failed", l->name);
+  }
+  return l;
+}
+
+void load_chain(const char *plugin, const char *const *filters, size_t nfilters)
+{
+  struct layer **link = &top_layer;
+  for (size_t i = 0; i < nfilters; i++) {
+    struct layer *l = load_layer(filters[i], false);
+    l->index = (unsigned) i;
+    *link = l;
+    link = &l->below;
+  }
+  plugin_layer = load_layer(plugin, true);
+  plugin_layer->index = (unsigned) nfilters;
+  *link = plugin_layer;
+}
+
+void unload_chain(void)
+{
+  struct layer *l = top_layer;
+  while (l) {
+    struct layer *below = l->below;
+    if (l->is_plugin && l->plugin.unload)
+      l->plugin.unload();
+    else if (!l->is_plugin && l->filter.unload)
+      l->filter.unload();
+    /* Not dlclose'd: threads of the plugin's libraries may still run
+     * destructors, and the process is about to exit anyway. */
+    free(l->filename);
+    free(l);
+    l = below;
+  }
+  top_layer = plugin_layer = NULL;
+}
+
+int chain_config(const char *key, const char *value)
+{
+  struct nbdserve_plugin *p = &plugin_layer->plugin;
+  if (key == NULL) {
+    if (p->magic_config_key == NULL) {
+      nbdserve_error("plugin %s takes no bare parameters: use key=value ('%s')", p->name, value);
+      return -1;
+    }
+    key = p->magic_config_key;
+  }
+  for (struct layer *l = top_layer; l && !l->is_plugin; l = l->below) {
+    if (!l->filter.config)
+      continue;
+    int r = l->filter.config(key, value);
+    if (r == -1) {
+      nbdserve_error("filter %s: could not use parameter %s=%s", l->name, key, value);
+      return -1;
+    }
+    if (r == 1)
+      return 0;
+  }
+  if (p->config == NULL) {
+    nbdserve_error("plugin %s takes no parameters (got %s=%s)", p->name, key, value);
+    return -1;
+  }
+  if (p->config(key, value) == -1) {
+    nbdserve_error("plugin %s: could not use parameter %s=%s", p->name, key, value);
+    return -1;
+  }
+  return 0;
+}
+
+/* Plugin first, then filters from the innermost out. */
+static int call_up(bool complete)
+{
+  struct layer *stack[256];
+  size_t n = 0;
+  for (struct layer *l = top_layer; l && n < ARRAY_SIZE(stack); l = l->below)
+    stack[n++] = l;
+  while (n-- > 0) {
+    struct layer *l = stack[n];
+    int (*fn)(void);
+    if (l->is_plugin)
+      fn = complete ? l->plugin.config_complete : l->plugin.get_ready;
+    else
+      fn = complete ? l->filter.config_complete : l->filter.get_ready;
+    if (fn && fn() == -1) {
+      nbdserve_error("%s %s: %s failed", l->is_plugin ? "plugin" : "filter", l->name,
+                     complete ? "configuration" : "get_ready");
+      return -1;
+    }
+  }
+  return 0;
+}
+
+int chain_config_complete(void)
+{
+  return call_up(true);
+}
+
+int chain_get_ready(void)
+{
+  return call_up(false);
+}
+
+int chain_thread_model(void)
+{
+  int model = plugin_layer->plugin.thread_model;
+  for (struct layer *l = top_layer; l && !l->is_plugin; l = l->below) {
+    int m = l->filter.thread_model ? l->filter.thread_model : NBDSERVE_THREAD_MODEL_PARALLEL;
+    model = MIN(model, m);
+  }
+  return model;
+}
+
+bool chain_never_blocks(void)
+{
+  if (!(plugin_layer->plugin.flags & NBDSERVE_PLUGIN_NEVER_BLOCKS))
+    return false;
+  for (struct layer *l = top_layer; l && !l->is_plugin; l = l->below)
+    if (!(l->filter.flags & NBDSERVE_FILTER_NEVER_BLOCKS))
+      return false;
+  return true;
+}
+
+static const char *thread_model_name(int model)
+{
+  switch (model) {
+  case NBDSERVE_THREAD_MODEL_SERIALIZE_CONNECTIONS:
+    return "serialize_connections";
+  case NBDSERVE_THREAD_MODEL_SERIALIZE_ALL_REQUESTS:
+    return "serialize_all_requests";
+  case NBDSERVE_THREAD_MODEL_SERIALIZE_REQUESTS:
+    return "serialize_requests";
+  default:
+    return "parallel";
+  }
+}
+
+#define HAS(fp, prefix, s, field) fprintf(fp, "%shas_" #field "=%d\n", prefix, (s)->field != NULL)
+
+static void dump_plugin(FILE *fp, const struct layer *l)
+{
+  const struct nbdserve_plugin *p = &l->plugin;
+  fprintf(fp, "path=%s\nname=%s\n", l->filename, p->name);
+  if (p->version)
+    fprintf(fp, "version=%s\n", p->version);
+  fprintf(fp, "api_version=%u\nstruct_size=%u\n", p->api_version, p->struct_size);
+  fprintf(fp, "thread_model=%s\n", thread_model_name(p->thread_model));
+  fprintf(fp, "never_blocks=%d\n", (p->flags & NBDSERVE_PLUGIN_NEVER_BLOCKS) != 0);
+  if (p->magic_config_key)
+    fprintf(fp, "magic_config_key=%s\n", p->magic_config_key);
+  const char *pre = "";
+  HAS(fp, pre, p, load); HAS(fp, pre, p, unload); HAS(fp, pre, p, config);
+  HAS(fp, pre, p, config_complete); HAS(fp, pre, p, get_ready); HAS(fp, pre, p, list_exports);
+  HAS(fp, pre, p, default_export); HAS(fp, pre, p, list_meta_contexts); HAS(fp, pre, p, open);
+  HAS(fp, pre, p, close); HAS(fp, pre, p, get_size); HAS(fp, pre, p, block_size);
+  HAS(fp, pre, p, can_write); HAS(fp, pre, p, can_flush); HAS(fp, pre, p, is_rotational);
+  HAS(fp, pre, p, can_trim); HAS(fp, pre, p, can_zero); HAS(fp, pre, p, can_fast_zero);
+  HAS(fp, pre, p, can_fua); HAS(fp, pre, p, can_multi_conn); HAS(fp, pre, p, can_cache);
+  HAS(fp, pre, p, can_extents); HAS(fp, pre, p, pread); HAS(fp, pre, p, pwrite);
+  HAS(fp, pre, p, flush); HAS(fp, pre, p, trim); HAS(fp, pre, p, zero); HAS(fp, pre, p, cache);
+  HAS(fp, pre, p, extents); HAS(fp, pre, p, meta_extents);
+}
+
+static void dump_filter(FILE *fp, const struct layer *l)
+{
+  const struct nbdserve_filter *f = &l->filter;
+  char pre[128];
+  snprintf(pre, sizeof pre, "filter_%s_", f->name);
+  fprintf(fp, "%spath=%s\n%sname=%s\n", pre, l->filename, pre, f->name);
+  if (f->version)
+    fprintf(fp, "%sversion=%s\n", pre, f->version);
+  fprintf(fp, "%sapi_version=%u\n", pre, f->api_version);
+  fprintf(fp, "%sthread_model=%s\n", pre,
+          thread_model_name(f->thread_model ? f->thread_model : NBDSERVE_THREAD_MODEL_PARALLEL));
+  HAS(fp, pre, f, config); HAS(fp, pre, f, open); HAS(fp, pre, f, prepare);
+  HAS(fp, pre, f, pread); HAS(fp, pre, f, pwrite); HAS(fp, pre, f, flush); HAS(fp, pre, f, trim);
+  HAS(fp, pre, f, zero); HAS(fp, pre, f, cache); HAS(fp, pre, f, extents);
+  HAS(fp, pre, f, meta_extents); HAS(fp, pre, f, list_meta_contexts);
+}
+
+void chain_dump(FILE *fp)
+{
+  dump_plugin(fp, plugin_layer);
+  for (struct layer *l = top_layer; l && !l->is_plugin; l = l->below)
+    dump_filter(fp, l);
+  fprintf(fp, "chain_thread_model=%s\n", thread_model_name(chain_thread_model()));
+}
+
+static void help_one(FILE *fp, const char *kind, const char *name, const char *longname,
+                     const char *description, const char *config_help)
+{
+  fprintf(fp, "\n%s %s", kind, name);
+  if (longname)
+    fprintf(fp, " - %s", longname);
+  fprintf(fp, "\n");
+  if (description)
+    fprintf(fp, "%s\n", description);
+  if (config_help)
+    fprintf(fp, "\nParameters:\n%s\n", config_help);
+}
+
+void chain_help(FILE *fp)
+{
+  const struct nbdserve_plugin *p = &plugin_layer->plugin;
+  help_one(fp, "Plugin", p->name, p->longname, p->description, p->config_help);
+  for (struct layer *l = top_layer; l && !l->is_plugin; l = l->below)
+    help_one(fp, "Filter", l->filter.name, l->filter.longname, l->filter.description,
+             l->filter.config_help);
+}
