@@ -419,9 +419,10 @@ int nbdserve_next_zero(struct nbdserve_next *ctx, uint64_t count, uint64_t offse
     return flush_after(ctx, zero_by_writing(ctx, count, offset), flush);
   }
   int r = PLUGIN_CALL(ctx, zero, count, offset, flags);
-  if (r == -1 && !(flags & NBDSERVE_FLAG_FAST_ZERO) &&
-      (errno == ENOTSUP || errno == EOPNOTSUPP) && backend_error == 0 && l->plugin.pwrite)
-    r = zero_by_writing(ctx, count, offset); /* the plugin gave up: fall back */
+  int err = backend_error ? backend_error : errno;
+  if (r == -1 && !(flags & NBDSERVE_FLAG_FAST_ZERO) && (err == ENOTSUP || err == EOPNOTSUPP) &&
+      l->plugin.pwrite)
+    r = zero_by_writing(ctx, count, offset); /* no fast way: write zeroes */
   return flush_after(ctx, r, flush);
 }
 

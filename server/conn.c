@@ -138,8 +138,9 @@ int request_reserve(struct request *req, size_t size)
   if (size <= req->buf_size)
     return 0;
   /* Round up so a few sizes do not cause a realloc each. */
-  size_t want = size < 4096 ? 4096 : size;
-  char *p = malloc(want);
+  size_t want = (size + 4095) & ~(size_t) 4095;
+  /* Page-aligned, so plugins may hand the buffer to O_DIRECT I/O. */
+  char *p = aligned_alloc(4096, want);
   if (p == NULL)
     return -1;
   free(req->buf);
