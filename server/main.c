@@ -1,8 +1,16 @@
-/* nbdserve - the command line.
+/* nbdserve - the command line and the start-up sequence.
  *
- * The options follow nbdkit's on purpose, so scripts and systemd units
- * written for it carry over: PLUGIN [key=value|value]..., --filter=NAME,
- * -U, -p, -i, -r, -f, -e, -t, --run...
+ *   nbdserve [OPTIONS] PLUGIN [key=value | value]...
+ *
+ * The options follow nbdkit's on purpose, so that scripts, systemd units
+ * and habits written for it carry over: --filter=NAME, -U, -p, -i, -r,
+ * -f, -e, -t, --run, --exit-with-parent, -P, --tls...
+ *
+ * Start-up order matters: the plugin is configured before any socket is
+ * opened (so a bad parameter leaves nothing behind), the sockets are
+ * listening before we fork into the background (so a client may connect
+ * as soon as the parent exits), and the plugin's get_ready runs in the
+ * final process, after the fork, as the plugin ABI promises.
  *
  * SPDX-License-Identifier: BSD-3-Clause
  */
@@ -19,21 +27,31 @@
 
 #include "internal.h"
 
-struct options opt = { .port = NULL };
+struct options opt;
 int captive_exit_status;
 
+/* Long options with no short form. */
 enum {
-  OPT_RUN = 256, OPT_FILTER, OPT_EXIT_WITH_PARENT, OPT_TLS, OPT_TLS_CERTIFICATES,
-  OPT_TLS_PSK, OPT_TLS_VERIFY_PEER, OPT_DUMP_PLUGIN,
+  OPT_RUN = 256,
+  OPT_FILTER,
+  OPT_EXIT_WITH_PARENT,
+  OPT_TLS,
+  OPT_TLS_CERTIFICATES,
+  OPT_TLS_PSK,
+  OPT_TLS_VERIFY_PEER,
+  OPT_DUMP_PLUGIN,
 };
 
-static const char short_options[] = "U:p:i:sfroe:t:P:vVh";
+/* The leading ':' makes getopt report a missing argument as ':' and stay
+ * quiet, so that every error message below has our own wording. */
+static const char short_options[] = ":U:p:i:sfroe:t:P:vVh";
 static const struct option long_options[] = {
   { "unix", required_argument, NULL, 'U' },
   { "port", required_argument, NULL, 'p' },
   { "ipaddr", required_argument, NULL, 'i' },
   { "single", no_argument, NULL, 's' },
   { "foreground", no_argument, NULL, 'f' },
+  { "no-fork", no_argument, NULL, 'f' },
   { "readonly", no_argument, NULL, 'r' },
   { "read-only", no_argument, NULL, 'r' },
   { "oldstyle", no_argument, NULL, 'o' },
@@ -55,228 +73,387 @@ static const struct option long_options[] = {
   { NULL, 0, NULL, 0 },
 };
 
+#define MAX_THREADS 1024
+#define MAX_EXPORT_NAME 4096 /* the protocol's limit on names */
+
+/* What the command line asked for besides struct options. */
+struct command {
+  const char *plugin; /* NULL if none was named */
+  const char **filters; /* --filter, outermost first */
+  size_t nfilters;
+  char **params; /* what followed the plugin name */
+  size_t nparams;
+  bool help, version, dump_plugin;
+};
+
 static void usage(FILE *fp)
 {
-  fprintf(fp,
+  fputs(
 "Usage: nbdserve [OPTIONS] PLUGIN [key=value | value]...\n"
-"Serve PLUGIN's data over the Network Block Device protocol.\n"
+"Serve the disk PLUGIN provides over the Network Block Device protocol.\n"
 "\n"
-"Listening (default: TCP port 10809 on all addresses):\n"
-"  -U, --unix SOCKET        listen on a Unix socket ('-' = private temporary socket)\n"
-"  -p, --port PORT          TCP port (default 10809)\n"
-"  -i, --ipaddr ADDR        listen on this address only\n"
-"  -s, --single             serve one connection on stdin/stdout, then exit\n"
-"  (LISTEN_PID/LISTEN_FDS from systemd socket activation are honoured)\n"
+"Where to listen (default: TCP port 10809 on every address):\n"
+"  -U, --unix SOCKET         listen on a Unix socket; '-U -' makes a private\n"
+"                            one in a temporary directory (use with --run)\n"
+"  -p, --port PORT           listen on this TCP port (default 10809)\n"
+"  -i, --ipaddr ADDR         listen on this address only (default: all)\n"
+"  -s, --single              serve one client on stdin/stdout, then exit\n"
+"  Sockets passed by systemd (LISTEN_PID, LISTEN_FDS) are used when present.\n"
 "\n"
-"Running:\n"
-"  -f, --foreground         do not fork into the background\n"
-"  -P, --pidfile FILE       write the server's PID to FILE\n"
-"      --exit-with-parent   exit when the parent process exits\n"
-"      --run CMD            captive mode: run CMD (with $uri, $unixsocket, $port,\n"
-"                           $exportname set), exit when it exits, with its status\n"
-"  -t, --threads N          worker threads (default: 2 x CPUs, at least 4)\n"
-"  -v, --verbose            debug messages\n"
+"How to run:\n"
+"  -f, --foreground          stay in the foreground (default: become a daemon)\n"
+"      --run CMD             captive mode: run the shell command CMD with $uri,\n"
+"                            $nbd, $unixsocket, $port and $exportname set; stop\n"
+"                            when it exits and exit with its status (implies -f)\n"
+"      --exit-with-parent    stop when the parent process exits (implies -f)\n"
+"  -P, --pidfile FILE        write the server's PID to FILE once it is ready\n"
+"  -t, --threads N           worker threads (default: 2 per CPU, at least 4)\n"
+"  -v, --verbose             print debug messages\n"
 "\n"
-"Exports:\n"
-"  -r, --readonly           serve read-only\n"
-"  -e, --exportname NAME    name of the default export (used in $uri)\n"
-"  -o, --oldstyle           use the old-style handshake (obsolete clients only)\n"
-"      --filter NAME        add a filter (repeatable; the first is outermost)\n"
+"What to serve:\n"
+"      --filter NAME         put filter NAME in front of the plugin (repeatable;\n"
+"                            the first one named is the outermost)\n"
+"  -r, --readonly            serve read-only: clients cannot write\n"
+"  -e, --exportname NAME     name of the default export (shown in $uri)\n"
+"  -o, --oldstyle            old-style handshake, for very old clients only\n"
 "\n"
-"TLS:\n"
-"      --tls off|on|require  (TLS support is not built yet: only 'off')\n"
-"      --tls-certificates DIR, --tls-psk FILE, --tls-verify-peer\n"
+"TLS (not built yet: only --tls=off is accepted today):\n"
+"      --tls off|on|require  refuse, offer or require TLS\n"
+"      --tls-certificates DIR  X.509 certificates and key for TLS\n"
+"      --tls-psk FILE        pre-shared keys for TLS (psktool format)\n"
+"      --tls-verify-peer     require clients to present a trusted certificate\n"
 "\n"
 "Information:\n"
-"      --dump-plugin        describe PLUGIN (and filters) as key=value lines\n"
-"  -V, --version            print the version\n"
-"  -h, --help               this help; with PLUGIN, its parameters too\n"
+"      --dump-plugin         describe PLUGIN (and filters) as key=value lines\n"
+"  -V, --version             print the version of nbdserve and its libraries\n"
+"  -h, --help                print this help; with PLUGIN, its parameters too\n"
 "\n"
-"Sizes take suffixes: 512, 64K, 1M, 1G, 1T, 1E, or 8s for 512-byte sectors.\n"
+"Plugin parameters are key=value; a first parameter without '=' goes to the\n"
+"plugin's main key ('memory 1G' is 'memory size=1G').  Sizes take suffixes:\n"
+"512, 64K, 1M, 1G, 1T, 1E, or 8s for 512-byte sectors.\n"
+"\n"
 "Examples:\n"
 "  nbdserve memory 1G\n"
 "  nbdserve -U - memory 1G --run 'nbdinfo \"$uri\"'\n"
-"  nbdserve -r file disk.img\n"
-"  nbdserve --filter=delay memory 1G delay-read=10ms\n");
+"  nbdserve -r -f -p 10900 file disk.img\n",
+      fp);
+}
+
+static void print_version(void)
+{
+  char mbedtls[32];
+  mbedtls_version_get_string(mbedtls);
+  printf("%s %s\n", PROGRAM_NAME, PACKAGE_VERSION);
+  printf("libev %d.%d\n", ev_version_major(), ev_version_minor());
+  printf("mbedtls %s\n", mbedtls);
 }
 
 static unsigned default_threads(void)
 {
   long cpus = sysconf(_SC_NPROCESSORS_ONLN);
-  unsigned n = cpus > 0 ? (unsigned) cpus * 2 : 4;
+  unsigned n = cpus > 0 && cpus < MAX_THREADS / 2 ? 2 * (unsigned) cpus : 4;
   return n < 4 ? 4 : n;
 }
 
-static void check_socket_activation(void)
+static unsigned parse_threads(const char *arg)
+{
+  char *end;
+  errno = 0;
+  long n = strtol(arg, &end, 10);
+  if (errno != 0 || end == arg || *end != '\0' || n < 1 || n > MAX_THREADS)
+    die("-t: '%s' is not a thread count between 1 and %d", arg, MAX_THREADS);
+  return (unsigned) n;
+}
+
+static enum tls_mode parse_tls(const char *arg)
+{
+  if (strcmp(arg, "off") == 0)
+    return TLS_OFF;
+  if (strcmp(arg, "on") == 0)
+    return TLS_ON;
+  if (strcmp(arg, "require") == 0)
+    return TLS_REQUIRE;
+  die("--tls: '%s' is not one of off, on, require", arg);
+}
+
+/* A port number, or a service name from /etc/services ("nbd") that
+ * getaddrinfo will look up.  Port 0 ("any free port") is refused: the
+ * URI we give to --run and to users must name the real port. */
+static const char *check_port(const char *arg)
+{
+  if (arg[0] == '\0')
+    die("-p: the port is empty");
+  if (strspn(arg, "0123456789") == strlen(arg)) {
+    errno = 0;
+    long n = strtol(arg, NULL, 10);
+    if (errno != 0 || n < 1 || n > 65535)
+      die("-p: '%s' is not a port number between 1 and 65535", arg);
+  }
+  return arg;
+}
+
+/* The working directory changes to / when we become a daemon, so a
+ * relative pidfile name is made absolute while it still means what the
+ * user meant. */
+static const char *absolute_path(const char *path)
+{
+  if (path[0] == '/')
+    return path;
+  char *cwd = getcwd(NULL, 0);
+  if (cwd == NULL)
+    die("cannot find the current directory: %s", strerror(errno));
+  char *abs;
+  if (asprintf(&abs, "%s/%s", cwd, path) < 0)
+    die("out of memory");
+  free(cwd);
+  return abs; /* kept for the life of the process */
+}
+
+/* systemd's socket activation: LISTEN_PID names us and LISTEN_FDS says
+ * how many listening sockets start at fd 3.  Variables meant for another
+ * process (a wrapper that exec'd us without updating them) are ignored. */
+static void detect_socket_activation(void)
 {
   const char *pid = getenv("LISTEN_PID"), *fds = getenv("LISTEN_FDS");
   if (pid == NULL || fds == NULL)
     return;
   char *end;
+  errno = 0;
   long p = strtol(pid, &end, 10);
-  if (*end != '\0' || p != (long) getpid())
-    return; /* meant for another process */
+  if (errno != 0 || end == pid || *end != '\0' || p != (long) getpid())
+    return;
+  errno = 0;
   long n = strtol(fds, &end, 10);
-  if (*end != '\0' || n < 1 || n > 64)
-    die("LISTEN_FDS=%s is not a usable number of sockets", fds);
+  if (errno != 0 || end == fds || *end != '\0' || n < 1 || n > 1024)
+    die("socket activation: LISTEN_FDS='%s' is not a number of sockets", fds);
   opt.socket_activation = true;
   opt.socket_activation_fds = (int) n;
 }
 
-static void check_options(size_t nfilters, const char *plugin)
+static void parse_options(int argc, char **argv, struct command *cmd)
 {
-  if (plugin == NULL)
-    die("no plugin given: try 'nbdserve memory 1G' or 'nbdserve --help'");
-  (void) nfilters;
-  if (opt.socket_activation && (opt.unix_socket || opt.port || opt.ipaddr || opt.single))
-    die("socket activation (LISTEN_FDS) cannot be combined with -U, -p, -i or -s");
-  if (opt.single && (opt.unix_socket || opt.port || opt.ipaddr || opt.run))
-    die("-s (serve stdin/stdout) cannot be combined with -U, -p, -i or --run");
-  if (opt.unix_socket && (opt.port || opt.ipaddr))
-    die("-U (Unix socket) cannot be combined with -p or -i");
-  if (opt.tls != TLS_OFF)
-    die("--tls=%s: TLS support is not built yet; only --tls=off is accepted",
-        opt.tls == TLS_ON ? "on" : "require");
-  if (opt.tls_certificates || opt.tls_psk || opt.tls_verify_peer)
-    die("--tls-certificates, --tls-psk and --tls-verify-peer need TLS, which is not built yet");
-}
-
-static void print_version(void)
-{
-  printf("nbdserve %s\n", PACKAGE_VERSION);
-  printf("libev %d.%d\n", ev_version_major(), ev_version_minor());
-  char mbed[32];
-  mbedtls_version_get_string(mbed);
-  printf("mbedtls %s\n", mbed);
-}
-
-int main(int argc, char **argv)
-{
-  const char **filters = NULL;
-  size_t nfilters = 0;
-  bool dump = false, help = false;
   int c;
-
+  opterr = 0;
   while ((c = getopt_long(argc, argv, short_options, long_options, NULL)) != -1) {
     switch (c) {
     case 'U':
-      if (strcmp(optarg, "-") == 0)
-        opt.unix_private = true;
+      if (optarg[0] == '\0')
+        die("-U: the socket path is empty");
+      opt.unix_private = strcmp(optarg, "-") == 0;
       opt.unix_socket = optarg;
       break;
-    case 'p': opt.port = optarg; break;
-    case 'i': opt.ipaddr = optarg; break;
+    case 'p': opt.port = check_port(optarg); break;
+    case 'i':
+      if (optarg[0] == '\0')
+        die("-i: the address is empty");
+      opt.ipaddr = optarg;
+      break;
     case 's': opt.single = true; break;
     case 'f': opt.foreground = true; break;
     case 'r': opt.readonly = true; break;
     case 'o': opt.oldstyle = true; break;
     case 'e':
-      if (strlen(optarg) > 4096)
-        die("-e: export names are at most 4096 bytes");
+      if (strlen(optarg) > MAX_EXPORT_NAME)
+        die("-e: export names are at most %d bytes", MAX_EXPORT_NAME);
       opt.export_name = optarg;
       break;
-    case 't': {
-      char *end;
-      errno = 0;
-      long n = strtol(optarg, &end, 10);
-      if (errno || *end || n < 1 || n > 1024)
-        die("-t: '%s' is not a thread count between 1 and 1024", optarg);
-      opt.threads = (unsigned) n;
+    case 't': opt.threads = parse_threads(optarg); break;
+    case 'P':
+      if (optarg[0] == '\0')
+        die("-P: the pidfile name is empty");
+      opt.pidfile = absolute_path(optarg);
+      break;
+    case 'v': opt.verbose = true; break;
+    case 'V': cmd->version = true; break;
+    case 'h': cmd->help = true; break;
+    case OPT_RUN:
+      if (optarg[0] == '\0')
+        die("--run: the command is empty");
+      opt.run = optarg;
+      break;
+    case OPT_FILTER: {
+      const char **grown = realloc(cmd->filters, (cmd->nfilters + 1) * sizeof *grown);
+      if (grown == NULL)
+        die("out of memory");
+      cmd->filters = grown;
+      cmd->filters[cmd->nfilters++] = optarg;
       break;
     }
-    case 'P': opt.pidfile = optarg; break;
-    case 'v': opt.verbose = true; break;
-    case 'V': print_version(); return EXIT_SUCCESS;
-    case 'h': help = true; break;
-    case OPT_RUN: opt.run = optarg; opt.foreground = true; break;
-    case OPT_FILTER:
-      filters = realloc(filters, (nfilters + 1) * sizeof *filters);
-      if (filters == NULL)
-        die("out of memory");
-      filters[nfilters++] = optarg;
-      break;
     case OPT_EXIT_WITH_PARENT: opt.exit_with_parent = true; break;
-    case OPT_TLS:
-      if (strcmp(optarg, "off") == 0) opt.tls = TLS_OFF;
-      else if (strcmp(optarg, "on") == 0) opt.tls = TLS_ON;
-      else if (strcmp(optarg, "require") == 0) opt.tls = TLS_REQUIRE;
-      else die("--tls: '%s' is not one of off, on, require", optarg);
-      break;
+    case OPT_TLS: opt.tls = parse_tls(optarg); break;
     case OPT_TLS_CERTIFICATES: opt.tls_certificates = optarg; break;
     case OPT_TLS_PSK: opt.tls_psk = optarg; break;
     case OPT_TLS_VERIFY_PEER: opt.tls_verify_peer = true; break;
-    case OPT_DUMP_PLUGIN: dump = true; break;
+    case OPT_DUMP_PLUGIN: cmd->dump_plugin = true; break;
+    case ':':
+      die("option '%s' needs a value; try 'nbdserve --help'", argv[optind - 1]);
     default:
-      fprintf(stderr, "Try 'nbdserve --help' for more information.\n");
-      return EXIT_FAILURE;
+      if (optopt != 0)
+        die("unknown option '-%c'; try 'nbdserve --help'", optopt);
+      die("unknown option '%s'; try 'nbdserve --help'", argv[optind - 1]);
     }
   }
 
-  const char *plugin = optind < argc ? argv[optind++] : NULL;
-  if (help) {
+  /* getopt has moved every option in front, so what remains is the
+   * plugin name and its parameters. */
+  if (optind < argc)
+    cmd->plugin = argv[optind++];
+  cmd->params = &argv[optind];
+  cmd->nparams = (size_t) (argc - optind);
+}
+
+/* Combinations that cannot work, each refused with its own reason. */
+static void check_options(const struct command *cmd)
+{
+  if (cmd->plugin == NULL)
+    die("no plugin given: try 'nbdserve memory 1G' or 'nbdserve --help'");
+
+  if (opt.socket_activation && (opt.unix_socket || opt.port || opt.ipaddr || opt.single))
+    die("socket activation (LISTEN_FDS is set) cannot be combined with -U, -p, -i or -s");
+  if (opt.single && (opt.unix_socket || opt.port || opt.ipaddr))
+    die("-s (serve stdin/stdout) cannot be combined with -U, -p or -i");
+  if (opt.single && opt.run)
+    die("-s (serve stdin/stdout) cannot be combined with --run");
+  if (opt.unix_socket && (opt.port || opt.ipaddr))
+    die("-U (Unix socket) cannot be combined with -p or -i (TCP)");
+  if (opt.oldstyle && opt.tls != TLS_OFF)
+    die("-o (old-style handshake) cannot be combined with TLS");
+
+  if (opt.tls_certificates && opt.tls_psk)
+    die("--tls-certificates and --tls-psk cannot be used together");
+  if (opt.tls == TLS_REQUIRE && !opt.tls_certificates && !opt.tls_psk)
+    die("--tls=require needs --tls-certificates DIR or --tls-psk FILE");
+  if (opt.tls == TLS_OFF && (opt.tls_certificates || opt.tls_psk || opt.tls_verify_peer))
+    die("--tls-certificates, --tls-psk and --tls-verify-peer need --tls=on or "
+                "--tls=require");
+  if (opt.tls != TLS_OFF)
+    die("--tls=%s: TLS support is not built yet; only --tls=off is accepted",
+                opt.tls == TLS_ON ? "on" : "require");
+}
+
+/* Hand every parameter after the plugin name to the chain.  The first
+ * one without '=' is the plugin's magic key; a second one is an error,
+ * since it could only be a typo. */
+static void configure_chain(const struct command *cmd)
+{
+  bool bare_seen = false;
+  for (size_t i = 0; i < cmd->nparams; i++) {
+    char *param = cmd->params[i];
+    char *equals = strchr(param, '=');
+    int r;
+    if (equals == NULL) {
+      if (bare_seen)
+        die("parameter '%s' must be key=value (only the first parameter may "
+                    "omit 'key=')", param);
+      bare_seen = true;
+      r = chain_config(NULL, param);
+    }
+    else {
+      if (equals == param)
+        die("parameter '%s' has an empty key: write key=value", param);
+      *equals = '\0'; /* split in place, briefly */
+      r = chain_config(param, equals + 1);
+      *equals = '=';
+    }
+    if (r == -1)
+      exit(EXIT_FAILURE); /* the layer said why */
+  }
+  if (chain_config_complete() == -1)
+    exit(EXIT_FAILURE);
+}
+
+/* With '-U -' and no --run, nobody else can know where the socket is. */
+static void announce_private_socket(void)
+{
+  char *uri = listen_uri();
+  if (opt.unix_private && !opt.run)
+    fprintf(stderr, "%s: listening on %s\n", PROGRAM_NAME, uri);
+  else
+    nbdserve_debug("listening on %s", uri);
+  free(uri);
+}
+
+/* Cleanup for every way out of the serving process, including die():
+ * no socket file or pidfile is left behind.  Children forked to run
+ * other programs, and the parents left behind by daemonize(), never
+ * run it (they _exit or exec). */
+static pid_t server_pid;
+static bool pidfile_written;
+
+static void cleanup_at_exit(void)
+{
+  if (getpid() != server_pid)
+    return;
+  remove_unix_socket();
+  if (pidfile_written) {
+    unlink(opt.pidfile);
+    pidfile_written = false;
+  }
+}
+
+int main(int argc, char **argv)
+{
+  struct command cmd = { 0 };
+
+  parse_options(argc, argv, &cmd);
+
+  if (cmd.version) {
+    print_version();
+    return EXIT_SUCCESS;
+  }
+  if (cmd.help) {
     usage(stdout);
-    if (plugin) {
-      load_chain(plugin, filters, nfilters);
+    if (cmd.plugin) {
+      fflush(stdout);
+      load_chain(cmd.plugin, cmd.filters, cmd.nfilters);
       chain_help(stdout);
     }
     return EXIT_SUCCESS;
   }
-  if (dump) {
-    if (plugin == NULL)
-      die("--dump-plugin needs a plugin name");
-    load_chain(plugin, filters, nfilters);
+  if (cmd.dump_plugin) {
+    if (cmd.plugin == NULL)
+      die("--dump-plugin needs a plugin name, e.g. 'nbdserve --dump-plugin memory'");
+    load_chain(cmd.plugin, cmd.filters, cmd.nfilters);
     chain_dump(stdout);
     return EXIT_SUCCESS;
   }
 
-  check_socket_activation();
-  check_options(nfilters, plugin);
+  detect_socket_activation();
+  check_options(&cmd);
+  /* Modes with somebody waiting on us must not fork away from them. */
+  if (opt.run || opt.exit_with_parent || opt.socket_activation)
+    opt.foreground = true;
   if (opt.threads == 0)
     opt.threads = default_threads();
 
-  load_chain(plugin, filters, nfilters);
-  /* The first bare word is the magic key; every later one must be key=value. */
-  bool bare_allowed = true;
-  for (; optind < argc; optind++) {
-    char *arg = argv[optind];
-    char *eq = strchr(arg, '=');
-    int r;
-    if (eq == NULL) {
-      if (!bare_allowed)
-        die("parameter '%s' needs the form key=value", arg);
-      bare_allowed = false;
-      r = chain_config(NULL, arg);
-    }
-    else {
-      if (eq == arg)
-        die("parameter '%s' has an empty key", arg);
-      *eq = '\0';
-      r = chain_config(arg, eq + 1);
-      *eq = '=';
-    }
-    if (r == -1)
-      exit(EXIT_FAILURE);
-  }
-  if (chain_config_complete() == -1)
-    exit(EXIT_FAILURE);
+  load_chain(cmd.plugin, cmd.filters, cmd.nfilters);
+  configure_chain(&cmd);
 
-  int *fds = NULL;
+  server_pid = getpid();
+  atexit(cleanup_at_exit);
+
+  int *listen_fds = NULL;
   size_t nfds = 0;
-  if (!opt.single)
-    open_listeners(&fds, &nfds);
-  daemonize();
-  write_pidfile();
-  if (chain_get_ready() == -1) {
-    remove_unix_socket();
-    exit(EXIT_FAILURE);
+  if (!opt.single) {
+    open_listeners(&listen_fds, &nfds);
+    announce_private_socket();
   }
 
-  int status = serve(fds, nfds);
+  daemonize();
+  server_pid = getpid();
+
+  if (chain_get_ready() == -1)
+    exit(EXIT_FAILURE);
+  /* The pidfile says "ready": only now.  (It also releases the parent
+   * waiting in daemonize.) */
+  write_pidfile();
+  pidfile_written = opt.pidfile != NULL;
+
+  int status = serve(listen_fds, nfds);
+
   unload_chain();
   remove_unix_socket();
-  if (opt.pidfile)
-    unlink(opt.pidfile);
-  free(fds);
-  free(filters);
-  return opt.run ? captive_exit_status : status;
+  free(listen_fds);
+  free(cmd.filters);
+  exit(status);
 }

@@ -1,5 +1,9 @@
-/* nbdserve - opening the listening sockets: TCP, Unix, or the ones
- * systemd passed us (socket activation).
+/* nbdserve - opening the listening sockets: a Unix socket (-U), TCP on
+ * every address of -i/-p, or the sockets systemd passed us (socket
+ * activation).
+ *
+ * Every fd handed to the loop is non-blocking and close-on-exec, so the
+ * --run command and plugin helpers never inherit a listener.
  *
  * SPDX-License-Identifier: BSD-3-Clause
  */
@@ -17,125 +21,247 @@
 #include "internal.h"
 
 #define DEFAULT_PORT "10809"
+#define FIRST_ACTIVATION_FD 3 /* SD_LISTEN_FDS_START */
 
-static char *private_dir; /* for -U - */
-static char *socket_path; /* the Unix socket we created */
+static char *private_dir; /* the temporary directory of -U -, to rmdir */
+static char *socket_path; /* absolute path of the socket we bound */
+static bool socket_removed;
 
 static void add_fd(int **fds, size_t *n, int fd)
 {
-  int *p = realloc(*fds, (*n + 1) * sizeof *p);
-  if (p == NULL)
+  int *grown = realloc(*fds, (*n + 1) * sizeof *grown);
+  if (grown == NULL)
     die("out of memory");
-  p[(*n)++] = fd;
-  *fds = p;
+  grown[(*n)++] = fd;
+  *fds = grown;
 }
 
-static void set_nonblock_cloexec(int fd)
+/* ---- Unix socket ---------------------------------------------------------- */
+
+/* -U -: a fresh directory only we can enter, holding "socket". */
+static char *make_private_socket_path(void)
 {
-  fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
-  fcntl(fd, F_SETFD, fcntl(fd, F_GETFD) | FD_CLOEXEC);
+  const char *tmpdir = getenv("TMPDIR");
+  if (tmpdir == NULL || tmpdir[0] == '\0')
+    tmpdir = "/tmp";
+  if (asprintf(&private_dir, "%s/nbdserve.XXXXXX", tmpdir) < 0)
+    die("out of memory");
+  if (mkdtemp(private_dir) == NULL)
+    die("cannot create a private directory in %s for -U -: %s", tmpdir, strerror(errno));
+  char *path;
+  if (asprintf(&path, "%s/socket", private_dir) < 0)
+    die("out of memory");
+  return path;
+}
+
+/* We chdir("/") when we become a daemon; unlinking at exit needs the
+ * absolute name. */
+static char *absolute(const char *path)
+{
+  char *abs;
+  if (path[0] == '/') {
+    abs = strdup(path);
+  }
+  else {
+    char *cwd = getcwd(NULL, 0);
+    if (cwd == NULL)
+      die("cannot find the current directory: %s", strerror(errno));
+    if (asprintf(&abs, "%s/%s", cwd, path) < 0)
+      abs = NULL;
+    free(cwd);
+  }
+  if (abs == NULL)
+    die("out of memory");
+  return abs;
+}
+
+/* An old socket file is replaced only when it is a socket nobody
+ * answers on: never a regular file, never a running server's socket. */
+static void remove_stale_socket(const char *path, const struct sockaddr_un *addr)
+{
+  struct stat st;
+  if (lstat(path, &st) == -1)
+    return; /* nothing there: the usual case */
+  if (!S_ISSOCK(st.st_mode))
+    die("cannot listen on %s: it exists and is not a socket", path);
+
+  int probe = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (probe >= 0) {
+    int live = connect(probe, (const struct sockaddr *) addr, sizeof *addr) == 0;
+    close(probe);
+    if (live)
+      die("cannot listen on %s: another server is listening there", path);
+  }
+  if (unlink(path) == -1 && errno != ENOENT)
+    die("cannot remove the stale socket %s: %s", path, strerror(errno));
 }
 
 static void open_unix(int **fds, size_t *n)
 {
-  if (opt.unix_private) {
-    const char *tmp = getenv("TMPDIR");
-    if (asprintf(&private_dir, "%s/nbdserve.XXXXXX", tmp && *tmp ? tmp : "/tmp") < 0)
-      die("out of memory");
-    if (mkdtemp(private_dir) == NULL)
-      die("cannot create a private directory for the socket: %s", strerror(errno));
-    if (asprintf(&socket_path, "%s/socket", private_dir) < 0)
-      die("out of memory");
-    opt.unix_socket = socket_path;
-  }
-  else {
-    socket_path = strdup(opt.unix_socket);
-    if (socket_path == NULL)
-      die("out of memory");
-  }
+  /* bind() uses the name as given, which may be shorter than the
+   * absolute one; the absolute one is what we remember. */
+  char *given = opt.unix_private ? make_private_socket_path() : strdup(opt.unix_socket);
+  if (given == NULL)
+    die("out of memory");
 
   struct sockaddr_un addr = { .sun_family = AF_UNIX };
-  if (strlen(socket_path) >= sizeof addr.sun_path)
-    die("Unix socket path is too long (at most %zu bytes): %s", sizeof addr.sun_path - 1,
-        socket_path);
-  strcpy(addr.sun_path, socket_path);
+  if (strlen(given) >= sizeof addr.sun_path)
+    die("cannot listen on %s: a Unix socket path is at most %zu bytes", given,
+        sizeof addr.sun_path - 1);
+  memcpy(addr.sun_path, given, strlen(given) + 1);
 
-  /* A stale socket from an earlier run is replaced; anything else is not. */
-  struct stat st;
-  if (lstat(socket_path, &st) == 0) {
-    if (!S_ISSOCK(st.st_mode))
-      die("%s exists and is not a socket: refusing to replace it", socket_path);
-    unlink(socket_path);
-  }
+  remove_stale_socket(given, &addr);
 
   int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
   if (fd == -1)
-    die("socket: %s", strerror(errno));
-  if (bind(fd, (struct sockaddr *) &addr, sizeof addr) == -1)
-    die("cannot bind %s: %s", socket_path, strerror(errno));
+    die("cannot create a Unix socket: %s", strerror(errno));
+  /* The file's mode comes from the umask, as for any file we create. */
+  if (bind(fd, (const struct sockaddr *) &addr, sizeof addr) == -1)
+    die("cannot bind %s: %s", given, strerror(errno));
+  socket_path = absolute(given);
+  free(given);
   if (listen(fd, SOMAXCONN) == -1)
     die("cannot listen on %s: %s", socket_path, strerror(errno));
+
+  opt.unix_socket = socket_path; /* what $unixsocket and $uri show */
   add_fd(fds, n, fd);
+}
+
+/* ---- TCP ------------------------------------------------------------------ */
+
+/* "127.0.0.1:10809" or "[::1]:10809", for messages. */
+static void describe_address(const struct addrinfo *a, char *buf, size_t size)
+{
+  char host[NI_MAXHOST], port[NI_MAXSERV];
+  if (getnameinfo(a->ai_addr, a->ai_addrlen, host, sizeof host, port, sizeof port,
+                  NI_NUMERICHOST | NI_NUMERICSERV) != 0) {
+    snprintf(buf, size, "(unprintable address)");
+    return;
+  }
+  if (a->ai_family == AF_INET6)
+    snprintf(buf, size, "[%s]:%s", host, port);
+  else
+    snprintf(buf, size, "%s:%s", host, port);
+}
+
+/* Errors that mean "this machine has no IPv6", not "you asked for
+ * something wrong": worth skipping while another address works. */
+static bool ipv6_unavailable(const struct addrinfo *a, int err)
+{
+  return a->ai_family == AF_INET6 &&
+         (err == EAFNOSUPPORT || err == EADDRNOTAVAIL || err == EPROTONOSUPPORT);
+}
+
+/* getaddrinfo may list one address twice (e.g. /etc/hosts naming
+ * localhost on two lines); the second bind then fails harmlessly. */
+static bool listed_earlier(const struct addrinfo *list, const struct addrinfo *a)
+{
+  for (const struct addrinfo *b = list; b != a; b = b->ai_next)
+    if (b->ai_addrlen == a->ai_addrlen && memcmp(b->ai_addr, a->ai_addr, a->ai_addrlen) == 0)
+      return true;
+  return false;
+}
+
+/* Returns the listening fd, or -1 with errno set. */
+static int listen_on(const struct addrinfo *a)
+{
+  int fd = socket(a->ai_family, a->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, a->ai_protocol);
+  if (fd == -1)
+    return -1;
+  int one = 1;
+  /* Restarting the server must not wait for old connections in TIME_WAIT. */
+  setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+  /* "::" and "0.0.0.0" are bound separately; without V6ONLY the second
+   * bind would fail with EADDRINUSE on most systems. */
+  if (a->ai_family == AF_INET6)
+    setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof one);
+  if (bind(fd, a->ai_addr, a->ai_addrlen) == -1 || listen(fd, SOMAXCONN) == -1) {
+    int saved = errno;
+    close(fd);
+    errno = saved;
+    return -1;
+  }
+  return fd;
 }
 
 static void open_tcp(int **fds, size_t *n)
 {
   const char *port = opt.port ? opt.port : DEFAULT_PORT;
-  struct addrinfo hints = { .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
-                            .ai_flags = AI_PASSIVE | AI_ADDRCONFIG };
+  struct addrinfo hints = {
+    .ai_family = AF_UNSPEC,
+    .ai_socktype = SOCK_STREAM,
+    .ai_flags = AI_PASSIVE,
+  };
   struct addrinfo *list;
   int err = getaddrinfo(opt.ipaddr, port, &hints, &list);
-  if (err != 0)
-    die("cannot resolve %s port %s: %s", opt.ipaddr ? opt.ipaddr : "(any address)", port,
-        gai_strerror(err));
+  if (err != 0) {
+    if (opt.ipaddr)
+      die("cannot listen on %s port %s: %s", opt.ipaddr, port,
+          err == EAI_SYSTEM ? strerror(errno) : gai_strerror(err));
+    die("cannot listen on port %s: %s", port,
+        err == EAI_SYSTEM ? strerror(errno) : gai_strerror(err));
+  }
 
-  size_t before = *n;
-  int last_errno = 0;
-  for (struct addrinfo *a = list; a; a = a->ai_next) {
-    int fd = socket(a->ai_family, a->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, a->ai_protocol);
-    if (fd == -1) {
-      if (errno == EAFNOSUPPORT)
-        continue; /* e.g. IPv6 disabled */
-      die("socket: %s", strerror(errno));
+  size_t bound_before = *n;
+  char skipped[NI_MAXHOST + NI_MAXSERV + 8] = "";
+  int skipped_errno = 0;
+  for (struct addrinfo *a = list; a != NULL; a = a->ai_next) {
+    char where[NI_MAXHOST + NI_MAXSERV + 8];
+    describe_address(a, where, sizeof where);
+    if (listed_earlier(list, a))
+      continue;
+    int fd = listen_on(a);
+    if (fd >= 0) {
+      nbdserve_debug("listening on %s", where);
+      add_fd(fds, n, fd);
+      continue;
     }
-    int one = 1;
-    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-    if (a->ai_family == AF_INET6)
-      setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof one);
-    if (bind(fd, a->ai_addr, a->ai_addrlen) == -1 || listen(fd, SOMAXCONN) == -1) {
-      char host[NI_MAXHOST] = "?";
-      getnameinfo(a->ai_addr, a->ai_addrlen, host, sizeof host, NULL, 0, NI_NUMERICHOST);
-      last_errno = errno;
-      if (errno == EADDRNOTAVAIL && a->ai_family == AF_INET6 && opt.ipaddr == NULL) {
-        close(fd);
-        continue;
-      }
-      die("cannot bind %s%s%s:%s: %s", a->ai_family == AF_INET6 ? "[" : "", host,
-          a->ai_family == AF_INET6 ? "]" : "", port, strerror(errno));
+    if (ipv6_unavailable(a, errno) && list->ai_next != NULL) {
+      nbdserve_debug("skipping %s: %s", where, strerror(errno));
+      snprintf(skipped, sizeof skipped, "%s", where);
+      skipped_errno = errno;
+      continue;
     }
-    add_fd(fds, n, fd);
+    die("cannot bind %s: %s", where, strerror(errno));
   }
   freeaddrinfo(list);
-  if (*n == before)
-    die("could not listen on any address for port %s: %s", port,
-        last_errno ? strerror(last_errno) : "no usable address");
+
+  if (*n == bound_before)
+    die("cannot bind %s: %s", skipped[0] ? skipped : port,
+        skipped_errno ? strerror(skipped_errno) : "no usable address");
 }
+
+/* ---- Socket activation ---------------------------------------------------- */
+
+static void adopt_activation_fds(int **fds, size_t *n)
+{
+  for (int i = 0; i < opt.socket_activation_fds; i++) {
+    int fd = FIRST_ACTIVATION_FD + i;
+    struct stat st;
+    if (fstat(fd, &st) == -1 || !S_ISSOCK(st.st_mode))
+      die("socket activation: fd %d (of LISTEN_FDS=%d) is not a socket", fd,
+          opt.socket_activation_fds);
+    int flags = fcntl(fd, F_GETFL);
+    if (flags == -1 || fcntl(fd, F_SETFL, flags | O_NONBLOCK) == -1 ||
+        fcntl(fd, F_SETFD, FD_CLOEXEC) == -1)
+      die("socket activation: fd %d: %s", fd, strerror(errno));
+    add_fd(fds, n, fd);
+  }
+  /* They were for us only; the --run command must not think otherwise. */
+  unsetenv("LISTEN_PID");
+  unsetenv("LISTEN_FDS");
+  unsetenv("LISTEN_FDNAMES");
+}
+
+/* ---- Entry points ----------------------------------------------------------- */
 
 void open_listeners(int **fds, size_t *nfds)
 {
   *fds = NULL;
   *nfds = 0;
-  if (opt.socket_activation) {
-    for (int i = 0; i < opt.socket_activation_fds; i++) {
-      set_nonblock_cloexec(3 + i);
-      add_fd(fds, nfds, 3 + i);
-    }
-    unsetenv("LISTEN_PID");
-    unsetenv("LISTEN_FDS");
-    unsetenv("LISTEN_FDNAMES");
-    return;
-  }
-  if (opt.unix_socket)
+  if (opt.socket_activation)
+    adopt_activation_fds(fds, nfds);
+  else if (opt.unix_socket)
     open_unix(fds, nfds);
   else
     open_tcp(fds, nfds);
@@ -143,10 +269,10 @@ void open_listeners(int **fds, size_t *nfds)
 
 void remove_unix_socket(void)
 {
-  if (socket_path) {
+  /* socket_path stays allocated: opt.unix_socket points to it. */
+  if (socket_path && !socket_removed) {
     unlink(socket_path);
-    free(socket_path);
-    socket_path = NULL;
+    socket_removed = true;
   }
   if (private_dir) {
     rmdir(private_dir);

@@ -1,15 +1,30 @@
 /* nbdserve memory plugin: a sparse RAM disk.
  *
- * Storage is a three-level page table of 64 KiB pages, allocated on the
- * first write of non-zero data and freed again by trim and zero, so a
- * 1 TiB disk costs memory only for what was written.  Extents come from
- * walking the table, skipping whole empty subtrees, so even a huge
- * mostly-empty disk maps instantly.
+ * Storage is a three-level page table (a radix tree) of 64 KiB pages:
  *
- * Locking: a read-write lock guards the table's shape.  Reads and writes
- * of pages that exist take it shared (the protocol leaves concurrent
- * overlapping requests undefined, so data copies need no lock of their
- * own); allocating or freeing pages takes it exclusive.
+ *   top[]  one slot per TiB          -> struct mid
+ *   mid    4096 slots of 256 MiB     -> struct leaf
+ *   leaf   4096 slots of 64 KiB      -> page (malloc'ed, 64 KiB)
+ *
+ * A page is allocated on the first write of non-zero data.  It is freed
+ * again when trim or zero covers it, and when a write or a partial zero
+ * leaves it all zero; a table whose last page goes is freed too.  So a
+ * 1 TiB disk costs memory only for the pages that hold data.  Extents
+ * come from walking the table and skip absent tables wholesale, so even
+ * a huge mostly-empty disk maps instantly (extents are page-granular).
+ *
+ * Pages come from a small pool of our own rather than malloc: large
+ * anonymous mappings ("arenas") cut into 64 KiB slots.  A freed slot is
+ * handed back to the kernel with madvise(MADV_DONTNEED), so its memory
+ * really returns to the system (malloc would keep it in the heap), and it
+ * reads as zeroes when it is reused.
+ *
+ * Locking: one read-write lock guards the shape of the table.  Reads, and
+ * writes into pages that already exist, take it shared: the protocol
+ * leaves concurrent overlapping requests undefined, so copying data needs
+ * no lock of its own.  Only allocating or freeing pages (and tables)
+ * takes it exclusive.  No callback sleeps or does I/O, which is what
+ * NBDSERVE_PLUGIN_NEVER_BLOCKS promises.
  *
  * SPDX-License-Identifier: BSD-3-Clause
  */
@@ -18,6 +33,7 @@
 #include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 #include "nbdserve-plugin.h"
 
@@ -27,20 +43,240 @@
 #define PAGE_SIZE (UINT64_C(1) << PAGE_BITS)
 #define LEAF_SPAN (PAGE_SIZE << LEAF_BITS)
 #define MID_SPAN (LEAF_SPAN << MID_BITS)
+#define LEAF_SLOTS (1u << LEAF_BITS)
+#define MID_SLOTS (1u << MID_BITS)
 
 struct leaf {
-  char *pages[1u << LEAF_BITS];
-  unsigned used; /* allocated pages, to free empty leaves */
-};
-struct mid {
-  struct leaf *leaves[1u << MID_BITS];
-  unsigned used;
+  char *pages[LEAF_SLOTS];
+  unsigned used; /* pages allocated, so an empty leaf can be freed */
 };
 
+struct mid {
+  struct leaf *leaves[MID_SLOTS];
+  unsigned used; /* leaves allocated */
+};
+
+#define ARENA_PAGES 512 /* 32 MiB of address space per arena */
+#define ARENA_SIZE (ARENA_PAGES * PAGE_SIZE)
+#define ZERO_SPAN (PAGE_SIZE * 256) /* 16 MiB: most zero does per lock hold */
+
 static int64_t disk_size = -1;
-static struct mid **top; /* one slot per TiB */
+static struct mid **top; /* top_slots entries, one per TiB */
 static size_t top_slots;
-static pthread_rwlock_t lock = PTHREAD_RWLOCK_INITIALIZER;
+static pthread_rwlock_t lock;
+static bool lock_ready;
+
+/* ---- Indexing ------------------------------------------------------------ */
+
+static inline size_t top_index(uint64_t offset)
+{
+  return (size_t) (offset / MID_SPAN);
+}
+
+static inline size_t mid_index(uint64_t offset)
+{
+  return (size_t) ((offset / LEAF_SPAN) & (MID_SLOTS - 1));
+}
+
+static inline size_t leaf_index(uint64_t offset)
+{
+  return (size_t) ((offset / PAGE_SIZE) & (LEAF_SLOTS - 1));
+}
+
+/* The first offset of the unit of SPAN bytes after the one holding OFFSET. */
+static inline uint64_t next_boundary(uint64_t offset, uint64_t span)
+{
+  return (offset / span + 1) * span;
+}
+
+static inline uint64_t min_u64(uint64_t a, uint64_t b)
+{
+  return a < b ? a : b;
+}
+
+/* The leaf holding OFFSET, or NULL.  Caller holds the lock (any mode). */
+static inline struct leaf *find_leaf(uint64_t offset)
+{
+  struct mid *mid = top[top_index(offset)];
+  return mid ? mid->leaves[mid_index(offset)] : NULL;
+}
+
+/* The page holding OFFSET, or NULL.  Caller holds the lock (any mode). */
+static inline char *find_page(uint64_t offset)
+{
+  struct leaf *leaf = find_leaf(offset);
+  return leaf ? leaf->pages[leaf_index(offset)] : NULL;
+}
+
+/* ---- The page pool (caller holds the lock exclusive) ------------------------ */
+
+static char **arenas; /* every arena mapped, to unmap at unload */
+static size_t arena_count;
+static size_t arena_used; /* slots of the newest arena handed out so far */
+static char **free_slots; /* released slots, zeroed, ready for reuse */
+static size_t free_count;
+
+/* Map one more arena.  The free list grows first to hold every slot
+ * that exists, so releasing a page never needs memory. */
+static int add_arena(void)
+{
+  size_t slots = (arena_count + 1) * ARENA_PAGES;
+  char **fl = realloc(free_slots, slots * sizeof *fl);
+  if (fl == NULL)
+    return -1;
+  free_slots = fl;
+  char **al = realloc(arenas, (arena_count + 1) * sizeof *al);
+  if (al == NULL)
+    return -1;
+  arenas = al;
+  void *arena = mmap(NULL, ARENA_SIZE, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (arena == MAP_FAILED)
+    return -1;
+  /* Transparent huge pages would make one 64 KiB write cost 2 MiB. */
+  madvise(arena, ARENA_SIZE, MADV_NOHUGEPAGE);
+  arenas[arena_count++] = arena;
+  arena_used = 0;
+  return 0;
+}
+
+/* A zeroed 64 KiB page, or NULL when out of memory. */
+static char *page_alloc(void)
+{
+  if (free_count > 0)
+    return free_slots[--free_count];
+  if ((arena_count == 0 || arena_used == ARENA_PAGES) && add_arena() == -1)
+    return NULL;
+  return arenas[arena_count - 1] + PAGE_SIZE * arena_used++;
+}
+
+/* Give the page's memory back to the kernel and keep its slot.  The
+ * slot reads as zeroes from now on, as the next page_alloc needs. */
+static void page_release(char *page)
+{
+  if (madvise(page, PAGE_SIZE, MADV_DONTNEED) == -1)
+    memset(page, 0, PAGE_SIZE); /* cannot happen on anonymous memory */
+  free_slots[free_count++] = page;
+}
+
+static void pool_destroy(void)
+{
+  for (size_t i = 0; i < arena_count; i++)
+    munmap(arenas[i], ARENA_SIZE);
+  free(arenas);
+  free(free_slots);
+  arenas = free_slots = NULL;
+  arena_count = arena_used = free_count = 0;
+}
+
+/* ---- The table ---------------------------------------------------------------- */
+
+/* The page holding OFFSET, made (zeroed, with any missing tables) if
+ * absent; NULL when out of memory.  Caller holds the lock exclusive. */
+static char *make_page(uint64_t offset)
+{
+  struct mid **midp = &top[top_index(offset)];
+  if (*midp == NULL && (*midp = calloc(1, sizeof **midp)) == NULL)
+    return NULL;
+  struct leaf **leafp = &(*midp)->leaves[mid_index(offset)];
+  if (*leafp == NULL) {
+    if ((*leafp = calloc(1, sizeof **leafp)) == NULL)
+      goto drop_empty_mid;
+    (*midp)->used++;
+  }
+  char **pagep = &(*leafp)->pages[leaf_index(offset)];
+  if (*pagep == NULL) {
+    if ((*pagep = page_alloc()) == NULL)
+      goto drop_empty_leaf;
+    (*leafp)->used++;
+  }
+  return *pagep;
+
+  /* Leave no empty tables behind after a failure. */
+drop_empty_leaf:
+  if ((*leafp)->used == 0) {
+    free(*leafp);
+    *leafp = NULL;
+    (*midp)->used--;
+  }
+drop_empty_mid:
+  if ((*midp)->used == 0) {
+    free(*midp);
+    *midp = NULL;
+  }
+  return NULL;
+}
+
+/* Free the page holding OFFSET (if any), and the tables it leaves empty.
+ * Caller holds the lock exclusive. */
+static void free_page(uint64_t offset)
+{
+  size_t t = top_index(offset), m = mid_index(offset), p = leaf_index(offset);
+  struct mid *mid = top[t];
+  struct leaf *leaf = mid ? mid->leaves[m] : NULL;
+  if (leaf == NULL || leaf->pages[p] == NULL)
+    return;
+  page_release(leaf->pages[p]);
+  leaf->pages[p] = NULL;
+  if (--leaf->used > 0)
+    return;
+  free(leaf);
+  mid->leaves[m] = NULL;
+  if (--mid->used > 0)
+    return;
+  free(mid);
+  top[t] = NULL;
+}
+
+static bool all_zero(const char *p, size_t n)
+{
+  /* Non-zero data usually fails on the first byte; zeroes compare
+   * against themselves one byte later at memcmp speed. */
+  return n == 0 || (p[0] == 0 && memcmp(p, p + 1, n - 1) == 0);
+}
+
+/* Free the page holding OFFSET if nothing but zeroes is left in it. */
+static void free_page_if_zero(uint64_t offset)
+{
+  pthread_rwlock_wrlock(&lock);
+  char *page = find_page(offset);
+  if (page && all_zero(page, PAGE_SIZE))
+    free_page(offset);
+  pthread_rwlock_unlock(&lock);
+}
+
+/* Requests outside the disk are refused by the server core; this is a
+ * second line of defence so a bug there cannot index past top[]. */
+static bool out_of_range(uint64_t count, uint64_t offset)
+{
+  if (count > (uint64_t) disk_size || offset > (uint64_t) disk_size - count) {
+    nbdserve_error("memory: request at %llu+%llu lies outside the %lld-byte disk",
+                   (unsigned long long) offset, (unsigned long long) count,
+                   (long long) disk_size);
+    nbdserve_set_error(EINVAL);
+    return true;
+  }
+  return false;
+}
+
+/* ---- Configuration --------------------------------------------------------- */
+
+static int memory_load(void)
+{
+  /* Writers first: a stream of readers must not starve the page
+   * allocations of a writer.  We never take the lock recursively. */
+  pthread_rwlockattr_t attr;
+  pthread_rwlockattr_init(&attr);
+  pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+  int err = pthread_rwlock_init(&lock, &attr);
+  pthread_rwlockattr_destroy(&attr);
+  if (err) {
+    nbdserve_error("memory: cannot create a lock: %s", strerror(err));
+    return -1;
+  }
+  lock_ready = true;
+  return 0;
+}
 
 static int memory_config(const char *key, const char *value)
 {
@@ -58,6 +294,8 @@ static int memory_config_complete(void)
     nbdserve_error("memory: size=SIZE is required, e.g. 'nbdserve memory 1G'");
     return -1;
   }
+  /* One pointer per TiB: 64 MiB of address space for the largest disk
+   * (2^63-1 bytes), untouched and so free until written. */
   top_slots = (size_t) (((uint64_t) disk_size + MID_SPAN - 1) / MID_SPAN);
   top = calloc(top_slots ? top_slots : 1, sizeof *top);
   if (top == NULL) {
@@ -70,26 +308,30 @@ static int memory_config_complete(void)
 static void memory_unload(void)
 {
   for (size_t t = 0; top && t < top_slots; t++) {
-    if (!top[t])
+    if (top[t] == NULL)
       continue;
-    for (size_t m = 0; m < (1u << MID_BITS); m++) {
+    for (size_t m = 0; m < MID_SLOTS; m++) {
       struct leaf *leaf = top[t]->leaves[m];
-      if (!leaf)
+      if (leaf == NULL)
         continue;
-      for (size_t p = 0; p < (1u << LEAF_BITS); p++)
-        free(leaf->pages[p]);
-      free(leaf);
+      free(leaf); /* its pages go with the pool */
     }
     free(top[t]);
   }
   free(top);
   top = NULL;
+  pool_destroy();
+  if (lock_ready)
+    pthread_rwlock_destroy(&lock);
+  lock_ready = false;
 }
+
+/* ---- Connections and capabilities ------------------------------------------ */
 
 static void *memory_open(int readonly, const char *export_name)
 {
   (void) readonly, (void) export_name;
-  return &disk_size; /* no per-connection state */
+  return &disk_size; /* one disk shared by all connections: no per-connection state */
 }
 
 static int64_t memory_get_size(void *handle)
@@ -107,54 +349,37 @@ static int return_one(void *handle)
 static int memory_can_fua(void *handle)
 {
   (void) handle;
-  return NBDSERVE_FUA_NATIVE; /* RAM has nothing to persist */
+  return NBDSERVE_FUA_NATIVE; /* RAM has nothing to persist: FUA is free */
 }
 
 static int memory_can_cache(void *handle)
 {
   (void) handle;
-  return NBDSERVE_CACHE_NATIVE; /* already in memory */
+  return NBDSERVE_CACHE_NATIVE; /* already in memory: cache is free */
 }
 
-/* The slot of the page holding OFFSET, or NULL when its leaf is absent.
- * With CREATE, missing tables are made (exclusive lock held). */
-static char **page_slot(uint64_t offset, bool create)
-{
-  size_t t = (size_t) (offset / MID_SPAN);
-  size_t m = (size_t) ((offset / LEAF_SPAN) & ((1u << MID_BITS) - 1));
-  size_t p = (size_t) ((offset / PAGE_SIZE) & ((1u << LEAF_BITS) - 1));
-  if (!top[t]) {
-    if (!create || !(top[t] = calloc(1, sizeof *top[t])))
-      return NULL;
-  }
-  struct leaf **leafp = &top[t]->leaves[m];
-  if (!*leafp) {
-    if (!create || !(*leafp = calloc(1, sizeof **leafp)))
-      return NULL;
-    top[t]->used++;
-  }
-  return &(*leafp)->pages[p];
-}
+/* ---- Data ---------------------------------------------------------------------- */
 
-static char *find_page(uint64_t offset)
+/* Bytes from OFFSET to the end of its page, at most COUNT. */
+static inline uint32_t chunk_in_page(uint64_t offset, uint64_t count)
 {
-  char **slot = page_slot(offset, false);
-  return slot ? *slot : NULL;
+  return (uint32_t) min_u64(PAGE_SIZE - (offset & (PAGE_SIZE - 1)), count);
 }
 
 static int memory_pread(void *handle, void *buf, uint32_t count, uint64_t offset, uint32_t flags)
 {
   (void) handle, (void) flags;
+  if (out_of_range(count, offset))
+    return -1;
   char *out = buf;
   pthread_rwlock_rdlock(&lock);
   while (count > 0) {
-    uint64_t in_page = offset & (PAGE_SIZE - 1);
-    uint32_t n = (uint32_t) (PAGE_SIZE - in_page < count ? PAGE_SIZE - in_page : count);
-    char *page = find_page(offset);
+    uint32_t n = chunk_in_page(offset, count);
+    const char *page = find_page(offset);
     if (page)
-      memcpy(out, page + in_page, n);
+      memcpy(out, page + (offset & (PAGE_SIZE - 1)), n);
     else
-      memset(out, 0, n);
+      memset(out, 0, n); /* never written: reads as zeroes */
     out += n;
     offset += n;
     count -= n;
@@ -163,51 +388,47 @@ static int memory_pread(void *handle, void *buf, uint32_t count, uint64_t offset
   return 0;
 }
 
-static bool all_zero(const char *p, size_t n)
-{
-  return n == 0 || (p[0] == 0 && memcmp(p, p + 1, n - 1) == 0);
-}
-
-/* Allocate the page at OFFSET if needed and copy DATA into it, all under
- * the exclusive lock so a concurrent trim cannot free it in between. */
+/* Write N bytes (within one page) at OFFSET into a page that does not
+ * exist yet.  The page is made and filled under the exclusive lock, so
+ * no trim can free it in between. */
 static int write_new_page(uint64_t offset, const char *data, uint32_t n)
 {
-  int r = 0;
   pthread_rwlock_wrlock(&lock);
-  char **slot = page_slot(offset, true);
-  if (slot && !*slot) {
-    *slot = calloc(1, PAGE_SIZE);
-    if (*slot) {
-      size_t t = (size_t) (offset / MID_SPAN);
-      size_t m = (size_t) ((offset / LEAF_SPAN) & ((1u << MID_BITS) - 1));
-      top[t]->leaves[m]->used++;
-    }
-  }
-  if (slot && *slot)
-    memcpy(*slot + (offset & (PAGE_SIZE - 1)), data, n);
-  else
-    r = -1;
+  char *page = make_page(offset); /* another writer may have made it meanwhile */
+  if (page)
+    memcpy(page + (offset & (PAGE_SIZE - 1)), data, n);
   pthread_rwlock_unlock(&lock);
-  return r;
+  if (page == NULL) {
+    nbdserve_error("memory: out of memory allocating a page");
+    nbdserve_set_error(ENOMEM);
+    return -1;
+  }
+  return 0;
 }
 
 static int memory_pwrite(void *handle, const void *buf, uint32_t count, uint64_t offset,
                          uint32_t flags)
 {
-  (void) handle, (void) flags;
+  (void) handle, (void) flags; /* FUA: nothing to persist */
+  if (out_of_range(count, offset))
+    return -1;
   const char *in = buf;
   while (count > 0) {
-    uint64_t in_page = offset & (PAGE_SIZE - 1);
-    uint32_t n = (uint32_t) (PAGE_SIZE - in_page < count ? PAGE_SIZE - in_page : count);
+    uint32_t n = chunk_in_page(offset, count);
+    bool zeroes = all_zero(in, n);
+
+    /* Common case: the page exists; copy under the shared lock. */
     pthread_rwlock_rdlock(&lock);
     char *page = find_page(offset);
     if (page)
-      memcpy(page + in_page, in, n);
+      memcpy(page + (offset & (PAGE_SIZE - 1)), in, n);
     pthread_rwlock_unlock(&lock);
-    if (!page && !all_zero(in, n) && write_new_page(offset, in, n) == -1) {
-      nbdserve_set_error(ENOMEM); /* zeroes need no page; data does */
+
+    if (page && zeroes)
+      free_page_if_zero(offset); /* writing zeroes gives memory back */
+    else if (!page && !zeroes && write_new_page(offset, in, n) == -1)
       return -1;
-    }
+    /* (!page && zeroes): an absent page already reads as zeroes. */
     in += n;
     offset += n;
     count -= n;
@@ -215,55 +436,63 @@ static int memory_pwrite(void *handle, const void *buf, uint32_t count, uint64_t
   return 0;
 }
 
-/* Zero [offset, offset+count): whole pages are freed, parts cleared. */
-static int memory_zero(void *handle, uint64_t count, uint64_t offset, uint32_t flags)
+/* Zero [offset, offset+count), a range inside one leaf's span.  Whole
+ * pages are freed, partial ones cleared (and freed if that leaves them
+ * all zero).  Caller holds the lock exclusive. */
+static void zero_within_leaf(uint64_t count, uint64_t offset)
 {
-  (void) handle, (void) flags;
-  pthread_rwlock_wrlock(&lock);
-  while (count > 0) {
-    uint64_t in_page = offset & (PAGE_SIZE - 1);
-    uint64_t n = PAGE_SIZE - in_page < count ? PAGE_SIZE - in_page : count;
-    char **slot = page_slot(offset, false);
-    if (slot == NULL) {
-      /* No leaf here: skip to the next leaf boundary. */
-      uint64_t skip = LEAF_SPAN - (offset & (LEAF_SPAN - 1));
-      n = skip < count ? skip : count;
-    }
-    else if (*slot) {
-      if (n == PAGE_SIZE) {
-        free(*slot);
-        *slot = NULL;
-        size_t t = (size_t) (offset / MID_SPAN);
-        size_t m = (size_t) ((offset / LEAF_SPAN) & ((1u << MID_BITS) - 1));
-        struct leaf *leaf = top[t]->leaves[m];
-        if (--leaf->used == 0) {
-          free(leaf);
-          top[t]->leaves[m] = NULL;
-          if (--top[t]->used == 0) {
-            free(top[t]);
-            top[t] = NULL;
-          }
-        }
-      }
-      else
-        memset(*slot + in_page, 0, n);
+  while (count > 0 && find_leaf(offset)) { /* the leaf goes with its last page */
+    uint32_t n = chunk_in_page(offset, count);
+    char *page = find_page(offset);
+    if (page && n == PAGE_SIZE)
+      free_page(offset);
+    else if (page) {
+      memset(page + (offset & (PAGE_SIZE - 1)), 0, n);
+      if (all_zero(page, PAGE_SIZE))
+        free_page(offset);
     }
     offset += n;
     count -= n;
   }
-  pthread_rwlock_unlock(&lock);
+}
+
+/* Zero (and trim: a freed page reads as zeroes) [offset, offset+count).
+ * Always fast, so FAST_ZERO is honoured trivially; MAY_TRIM and FUA
+ * change nothing. */
+static int memory_zero(void *handle, uint64_t count, uint64_t offset, uint32_t flags)
+{
+  (void) handle, (void) flags;
+  if (out_of_range(count, offset))
+    return -1;
+  while (count > 0) {
+    /* Absent tables are skipped whole.  Elsewhere at most ZERO_SPAN is
+     * done per lock hold (each freed page costs a madvise), so a huge
+     * zero never keeps readers waiting long. */
+    pthread_rwlock_wrlock(&lock);
+    uint64_t span = ZERO_SPAN;
+    if (top[top_index(offset)] == NULL)
+      span = MID_SPAN;
+    else if (find_leaf(offset) == NULL)
+      span = LEAF_SPAN;
+    uint64_t n = min_u64(next_boundary(offset, span) - offset, count);
+    if (span == ZERO_SPAN)
+      zero_within_leaf(n, offset);
+    pthread_rwlock_unlock(&lock);
+    offset += n;
+    count -= n;
+  }
   return 0;
 }
 
 static int memory_trim(void *handle, uint64_t count, uint64_t offset, uint32_t flags)
 {
-  return memory_zero(handle, count, offset, flags); /* holes read as zero */
+  return memory_zero(handle, count, offset, flags);
 }
 
 static int memory_flush(void *handle, uint32_t flags)
 {
   (void) handle, (void) flags;
-  return 0;
+  return 0; /* nothing is ever more durable than it is now */
 }
 
 static int memory_cache(void *handle, uint64_t count, uint64_t offset, uint32_t flags)
@@ -272,61 +501,69 @@ static int memory_cache(void *handle, uint64_t count, uint64_t offset, uint32_t 
   return 0;
 }
 
-/* Next allocated page at or after OFFSET, below END; END if none. */
+/* ---- Extents -------------------------------------------------------------------- */
+
+/* First allocated page at or after OFFSET, below END; END if none.
+ * Absent middle tables and leaves are skipped in one step. */
 static uint64_t next_allocated(uint64_t offset, uint64_t end)
 {
   while (offset < end) {
-    size_t t = (size_t) (offset / MID_SPAN);
-    if (!top[t]) {
-      offset = (offset / MID_SPAN + 1) * MID_SPAN;
+    struct mid *mid = top[top_index(offset)];
+    if (mid == NULL) {
+      offset = next_boundary(offset, MID_SPAN);
       continue;
     }
-    size_t m = (size_t) ((offset / LEAF_SPAN) & ((1u << MID_BITS) - 1));
-    struct leaf *leaf = top[t]->leaves[m];
-    if (!leaf) {
-      offset = (offset / LEAF_SPAN + 1) * LEAF_SPAN;
+    struct leaf *leaf = mid->leaves[mid_index(offset)];
+    if (leaf == NULL) {
+      offset = next_boundary(offset, LEAF_SPAN);
       continue;
     }
-    size_t p = (size_t) ((offset / PAGE_SIZE) & ((1u << LEAF_BITS) - 1));
-    if (leaf->pages[p])
+    if (leaf->pages[leaf_index(offset)])
       return offset;
-    offset = (offset / PAGE_SIZE + 1) * PAGE_SIZE;
+    offset = next_boundary(offset, PAGE_SIZE);
   }
   return end;
 }
 
-/* Next unallocated page at or after OFFSET, below END; END if none. */
-static uint64_t next_hole(uint64_t offset, uint64_t end)
+/* First unallocated page at or after OFFSET, below END; END if none. */
+static uint64_t next_unallocated(uint64_t offset, uint64_t end)
 {
   while (offset < end && find_page(offset))
-    offset = (offset / PAGE_SIZE + 1) * PAGE_SIZE;
-  return offset < end ? offset : end;
+    offset = next_boundary(offset, PAGE_SIZE);
+  return min_u64(offset, end);
 }
 
 static int memory_extents(void *handle, uint64_t count, uint64_t offset, uint32_t flags,
                           struct nbdserve_extents *extents)
 {
-  (void) handle, (void) flags;
+  (void) handle, (void) flags; /* REQ_ONE: the builder stops after one */
+  /* Block status lengths are hints: clip rather than fail. */
+  if (offset < (uint64_t) disk_size && count > (uint64_t) disk_size - offset)
+    count = (uint64_t) disk_size - offset;
+  if (out_of_range(count, offset))
+    return -1;
   uint64_t end = offset + count;
-  /* Looking further than the request's last page would be wasted. */
-  uint64_t disk_end = (end + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1);
-  if (disk_end > (uint64_t) disk_size || disk_end < end)
-    disk_end = (uint64_t) disk_size;
-  /* Describe whole pages; the server clips to the request. */
+  /* Whole pages are described (the builder clips them to the request),
+   * but never past the disk's end. */
+  uint64_t limit = min_u64(end + (PAGE_SIZE - 1), (uint64_t) disk_size) & ~(PAGE_SIZE - 1);
+  if (limit < end)
+    limit = (uint64_t) disk_size; /* a partial last page */
   uint64_t pos = offset & ~(PAGE_SIZE - 1);
   int r = 0;
 
   pthread_rwlock_rdlock(&lock);
   while (pos < end && r == 0) {
-    uint64_t data = next_allocated(pos, disk_end);
-    if (data > pos) {
-      r = nbdserve_add_extent(extents, pos, data - pos, NBDSERVE_EXTENT_HOLE | NBDSERVE_EXTENT_ZERO);
-      pos = data;
-      continue;
+    uint64_t stop = next_allocated(pos, limit);
+    uint64_t type = NBDSERVE_EXTENT_HOLE | NBDSERVE_EXTENT_ZERO;
+    if (stop == pos) { /* data */
+      stop = next_unallocated(pos, limit);
+      type = 0;
     }
-    uint64_t hole = next_hole(pos, disk_end);
-    r = nbdserve_add_extent(extents, pos, hole - pos, 0);
-    pos = hole;
+    r = nbdserve_add_extent(extents, pos, stop - pos, type);
+    /* A full list stops growing: then we are done. */
+    if (r == 0 && nbdserve_extents_end(extents) < stop)
+      break;
+    pos = stop;
   }
   pthread_rwlock_unlock(&lock);
   return r;
@@ -337,11 +574,14 @@ static struct nbdserve_plugin plugin = {
   .name = "memory",
   .longname = "sparse RAM disk",
   .version = "0.1.0",
-  .description = "A RAM disk of the given size; only written data uses memory.",
+  .description = "A RAM disk of the given size, shared by all clients.  Only pages "
+                 "(64 KiB) holding non-zero data use memory; trim and zero give it back.  "
+                 "The contents are lost when the server exits.",
   .config_help = "size=SIZE       (required) size of the disk, e.g. 1G, 1T",
   .magic_config_key = "size",
   .thread_model = NBDSERVE_THREAD_MODEL_PARALLEL,
   .flags = NBDSERVE_PLUGIN_NEVER_BLOCKS,
+  .load = memory_load,
   .config = memory_config,
   .config_complete = memory_config_complete,
   .unload = memory_unload,

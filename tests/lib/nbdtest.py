@@ -1,0 +1,167 @@
+"""Shared helpers for the Python tests: TAP output, servers, clean-up.
+
+    import nbdtest
+    t = nbdtest.Test(plan=3)
+    uri = t.server("mem", "memory", "64M")
+    h = t.connect(uri)
+    t.ok(h.pread(512, 0) == bytes(512), "reads zeroes")
+    t.finish()
+
+A watchdog (SIGALRM) ends a test that hangs; servers are stopped and the
+temporary directory removed however the test ends.
+"""
+# SPDX-License-Identifier: BSD-3-Clause
+import atexit
+import errno
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# NBDSERVE_BINARY runs the tests against another server (e.g. a wrapper
+# around nbdkit, to check the tests themselves).
+NBDSERVE = os.environ.get("NBDSERVE_BINARY") or os.path.join(TOP, "nbdserve")
+
+try:
+    import nbd
+except ImportError:
+    nbd = None
+
+
+class Hang(Exception):
+    """The watchdog fired."""
+
+
+class Test:
+    def __init__(self, plan, watchdog=240):
+        if nbd is None:
+            print("1..0 # SKIP python3-libnbd is not installed")
+            sys.exit(0)
+        self.planned = plan
+        self.count = 0
+        self.failed = 0
+        self.servers = []
+        parent = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+        self.tmp = tempfile.mkdtemp(prefix="nbdserve-test.", dir=parent)
+        os.environ["TMPDIR"] = self.tmp
+        atexit.register(self.cleanup)
+        signal.signal(signal.SIGALRM, self._hang)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+        signal.alarm(watchdog)
+        print("1..%d" % plan, flush=True)
+
+    @staticmethod
+    def _hang(*_):
+        raise Hang("watchdog: the test took too long")
+
+    # ---- TAP ----
+    def ok(self, cond, desc):
+        self.count += 1
+        if not cond:
+            self.failed += 1
+        print("%s %d - %s" % ("ok" if cond else "not ok", self.count, desc), flush=True)
+        return cond
+
+    def is_(self, got, want, desc):
+        if not self.ok(got == want, desc):
+            self.diag("got:      %r" % (got,))
+            self.diag("expected: %r" % (want,))
+
+    def diag(self, msg):
+        for line in str(msg).splitlines():
+            print("# " + line, flush=True)
+
+    def skip(self, desc):
+        self.count += 1
+        print("ok %d # SKIP %s" % (self.count, desc), flush=True)
+
+    # ---- servers ----
+    def server(self, name, *args):
+        """Start `nbdserve -f -U SOCK ARGS`; returns its URI."""
+        sock = os.path.join(self.tmp, name + ".sock")
+        log = open(os.path.join(self.tmp, name + ".log"), "w")
+        p = subprocess.Popen([NBDSERVE, "-f", "-U", sock] + list(args), stderr=log)
+        p.sock = sock
+        p.name = name
+        self.servers.append(p)
+        for _ in range(200):
+            if os.path.exists(sock) or p.poll() is not None:
+                break
+            time.sleep(0.05)
+        if not os.path.exists(sock):
+            self.diag("server %s did not start: %s" % (name, " ".join(args)))
+            self.diag(self.log(name))
+            raise RuntimeError("server did not start")
+        self.last_server = p
+        return "nbd+unix:///?socket=" + sock
+
+    def log(self, name):
+        try:
+            with open(os.path.join(self.tmp, name + ".log")) as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    def stop(self, p=None, sig=signal.SIGTERM, timeout=10):
+        """Stop a server (the last one by default); returns its exit status."""
+        p = p or self.last_server
+        if p.poll() is None:
+            p.send_signal(sig)
+        try:
+            rc = p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.diag("server %s ignored signal %d; killing it" % (p.name, sig))
+            p.kill()
+            rc = p.wait()
+        if p in self.servers:
+            self.servers.remove(p)
+        self.check_sanitizer(p.name)
+        return rc
+
+    def check_sanitizer(self, name):
+        text = self.log(name)
+        if "AddressSanitizer" in text or "runtime error:" in text:
+            self.failed += 1
+            self.diag("sanitizer report from server %s:" % name)
+            self.diag(text[:4000])
+
+    def connect(self, uri, contexts=(), strict=True):
+        h = nbd.NBD()
+        for c in contexts:
+            h.add_meta_context(c)
+        h.connect_uri(uri)
+        if not strict:
+            # Let the server, not libnbd, judge the requests.
+            h.set_strict_mode(0)
+        return h
+
+    def cleanup(self):
+        signal.alarm(0)
+        for p in list(self.servers):
+            self.stop(p)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def finish(self):
+        self.cleanup()
+        if self.count != self.planned:
+            self.diag("planned %d tests but ran %d" % (self.planned, self.count))
+            sys.exit(1)
+        sys.exit(1 if self.failed else 0)
+
+
+def errno_of(fn):
+    """Run fn; the symbolic errno of the nbd.Error it raises, or 'no error'."""
+    try:
+        fn()
+    except nbd.Error as e:
+        # libnbd gives the symbolic name ("EPERM"); older versions a number.
+        if isinstance(e.errno, str) and e.errno:
+            return e.errno
+        if isinstance(e.errno, int):
+            return errno.errorcode.get(e.errno, str(e.errno))
+        return "nbd.Error without errno: %s" % e
+    return "no error"
