@@ -313,7 +313,8 @@ void bytebuf_append(struct bytebuf *b, const void *data, size_t len)
     b->data = p;
     b->cap = cap;
   }
-  memcpy(b->data + b->len, data, len);
+  if (len)
+    memcpy(b->data + b->len, data, len);
   b->len += len;
 }
 

@@ -423,6 +423,10 @@ static enum option_result process_option(struct conn *conn)
   case NBD_OPT_GO:
     return opt_info_go(conn);
   case NBD_OPT_STRUCTURED_REPLY:
+    if (conn->extended) { /* replies cannot go back to the compact form */
+      reply_error_msg(conn, NBD_REP_ERR_EXT_HEADER_REQD, "extended headers are already in use");
+      return OPTION_CONTINUE;
+    }
     return opt_flag_only(conn, &conn->structured, "NBD_OPT_STRUCTURED_REPLY");
   case NBD_OPT_EXTENDED_HEADERS: {
     enum option_result res = opt_flag_only(conn, &conn->extended, "NBD_OPT_EXTENDED_HEADERS");

@@ -182,7 +182,7 @@ struct nbd_extended_reply {
 
 /* Limits of this server. */
 #define MAX_OPTION_LENGTH (64 * 1024) /* longer options are refused unread */
-#define MAX_OPTIONS 256 /* options per handshake before we give up */
+#define MAX_OPTIONS 16384 /* options per handshake (nbdinfo --list sends one per export) */
 #define MAX_REQUEST_SIZE (32 * 1024 * 1024) /* read/write payload cap */
 #define MAX_EXPORT_NAME 4096
 #define MAX_CONTEXTS_PER_CONN 256

@@ -4,7 +4,7 @@
 # server goes on serving other clients.
 . "$(dirname "$0")/lib/functions.sh"
 . "$(dirname "$0")/lib/raw.sh"
-plan 43
+plan 44
 
 start_server raw memory 64M
 
@@ -66,6 +66,10 @@ expect exportname "EXPORT_NAME: size and flags, then simple replies" \
 raw zeroes 'greeting 1' 'export-name' 'req WRITE data=str:nz cookie=5' recv 'req READ len=2 cookie=6' recv 'data-check str:nz'
 expect zeroes "client without NO_ZEROES: EXPORT_NAME reply padded, then in step" \
     '^export size=67108864' '^reply cookie=5 error=OK' '^data ok$'
+
+{ echo hello; for i in $(seq 300); do echo "opt 99"; echo reply; done; echo go; } > "$tmp/flood.cmds"
+rawclient -t 5 "$sock" < "$tmp/flood.cmds" > "$tmp/flood.out" 2>&1
+expect flood "300 options in one handshake: answered, or cut off cleanly" '^rep 99 ERR_UNSUP' '(^EOF$|^rep GO ACK)'
 
 still_serving "the server still serves after the handshake cases"
 

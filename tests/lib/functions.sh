@@ -41,8 +41,24 @@ uri=
 
 # ---- TAP ------------------------------------------------------------------
 plan() { planned=$1; echo "1..$1"; }
-ok() { test_count=$((test_count + 1)); echo "ok $test_count - $*"; }
-not_ok() { test_count=$((test_count + 1)); failures=$((failures + 1)); echo "not ok $test_count - $*"; }
+# todo REASON: the next test is a known server bug; its failure is shown
+# (as TAP "# TODO") but does not fail the suite, and prove reports it
+# when it starts passing.
+todo_reason=
+todo() { todo_reason=$*; }
+ok() {
+    local suffix=${todo_reason:+ # TODO $todo_reason}
+    todo_reason=
+    test_count=$((test_count + 1))
+    echo "ok $test_count - $*$suffix"
+}
+not_ok() {
+    local suffix=${todo_reason:+ # TODO $todo_reason}
+    [ -n "$todo_reason" ] || failures=$((failures + 1))
+    todo_reason=
+    test_count=$((test_count + 1))
+    echo "not ok $test_count - $*$suffix"
+}
 diag() { echo "# $*"; }
 # Show a file (a log, a client's output) as TAP comments.
 diag_file() { [ -f "$1" ] && sed 's/^/#   /' "$1" | head -"${2:-30}"; return 0; }
@@ -56,6 +72,17 @@ requires() {
         command -v "$p" > /dev/null 2>&1 || skip_all "$p is not installed"
     done
 }
+
+# requires_filter NAME...: skip the whole test if a filter is not built.
+requires_filter() {
+    local f
+    for f in "$@"; do
+        [ -n "${NBDSERVE_BINARY:-}" ] || [ -f "$top/filters/$f/nbdserve-$f-filter.so" ] ||
+            skip_all "the $f filter is not built"
+    done
+}
+# have_filter NAME: true if the filter is built (to skip single tests).
+have_filter() { [ -n "${NBDSERVE_BINARY:-}" ] || [ -f "$top/filters/$1/nbdserve-$1-filter.so" ]; }
 
 # requires_python_nbd: skip unless Debian's python3 has libnbd.
 requires_python_nbd() {

@@ -37,10 +37,15 @@ class Hang(Exception):
 
 
 class Test:
-    def __init__(self, plan, watchdog=240):
+    def __init__(self, plan, watchdog=240, filters=()):
         if nbd is None:
             print("1..0 # SKIP python3-libnbd is not installed")
             sys.exit(0)
+        for f in filters:
+            built = os.path.join(TOP, "filters", f, "nbdserve-%s-filter.so" % f)
+            if not os.environ.get("NBDSERVE_BINARY") and not os.path.exists(built):
+                print("1..0 # SKIP the %s filter is not built" % f)
+                sys.exit(0)
         self.planned = plan
         self.count = 0
         self.failed = 0
@@ -59,11 +64,14 @@ class Test:
         raise Hang("watchdog: the test took too long")
 
     # ---- TAP ----
-    def ok(self, cond, desc):
+    def ok(self, cond, desc, todo=None):
+        """todo: the reason a failure is a known server bug (TAP TODO):
+        shown, but it does not fail the suite."""
         self.count += 1
-        if not cond:
+        if not cond and not todo:
             self.failed += 1
-        print("%s %d - %s" % ("ok" if cond else "not ok", self.count, desc), flush=True)
+        print("%s %d - %s%s" % ("ok" if cond else "not ok", self.count, desc,
+                                " # TODO " + todo if todo else ""), flush=True)
         return cond
 
     def is_(self, got, want, desc):

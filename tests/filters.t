@@ -8,7 +8,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "lib
 import nbdtest
 from nbdtest import nbd, errno_of
 
-t = nbdtest.Test(plan=21)
+t = nbdtest.Test(plan=21, filters=("delay", "error"))
 
 
 def timed(fn):

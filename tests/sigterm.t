@@ -11,15 +11,17 @@ plan 10
 # when the signal comes.  It writes through to file=PATH.
 cat > "$tmp/slowfile.c" <<'C'
 #include <fcntl.h>
+#include <stdio.h>
 #include <string.h>
 #include <unistd.h>
 #include "nbdserve-plugin.h"
-static int fd = -1;
+static int fd = -1, started_fd = -1, started;
 static int s_config(const char *k, const char *v)
 {
-  if (strcmp(k, "file") != 0) return -1;
-  fd = open(v, O_RDWR);
-  return fd < 0 ? -1 : 0;
+  int *dest = strcmp(k, "file") == 0 ? &fd : strcmp(k, "started") == 0 ? &started_fd : NULL;
+  if (dest == NULL) return -1;
+  *dest = open(v, O_RDWR | O_CREAT, 0644);
+  return *dest < 0 ? -1 : 0;
 }
 static void *s_open(int r, const char *n) { (void) r; (void) n; return &fd; }
 static int64_t s_size(void *h) { (void) h; return lseek(fd, 0, SEEK_END); }
@@ -28,6 +30,10 @@ static int s_read(void *h, void *b, uint32_t c, uint64_t o, uint32_t f)
 static int s_write(void *h, const void *b, uint32_t c, uint64_t o, uint32_t f)
 {
   (void) h; (void) f;
+  /* Tell the test how many writes have reached the plugin. */
+  char count[16];
+  snprintf(count, sizeof count, "%-15d", __atomic_add_fetch(&started, 1, __ATOMIC_SEQ_CST));
+  if (pwrite(started_fd, count, 15, 0) != 15) return -1;
   usleep(300000);
   return pwrite(fd, b, c, (off_t) o) == (ssize_t) c ? 0 : -1;
 }
@@ -39,19 +45,27 @@ C
 cc -std=gnu11 -Wall -Wextra -Werror -fPIC -shared -I"$top/include" "$tmp/slowfile.c" -o "$tmp/slowfile.so" 2> "$tmp/cc.log" ||
     diag_file "$tmp/cc.log"
 
-# inflight NAME SIGNAL: 16 aio writes of 4K, SIGNAL after 100 ms; writes
+# inflight NAME SIGNAL ARGS...: 16 aio writes of 4K, then SIGNAL once the
+# plugin has started all 16 (or after 300 ms when it cannot tell); writes
 # $tmp/NAME.acked (indices acknowledged) and checks the file afterwards.
 cat > "$tmp/inflight.py" <<'PY'
 import nbd, os, sys, time
-uri, pid, sig, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+uri, pid, sig, out, started = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
 h = nbd.NBD(); h.connect_uri(uri)
 done = {}
 for i in range(16):
     h.aio_pwrite(bytes([i + 1]) * 4096, i * 4096,
                  completion=lambda err, i=i: done.__setitem__(i, err.value) or 1)
-deadline = time.time() + 0.1
+def count_started():
+    try:
+        return int(open(started).read().strip() or 0)
+    except (OSError, ValueError):
+        return -1
+deadline = time.time() + (10 if count_started() >= 0 else 0.3)
 while time.time() < deadline:       # let every request reach the server
     h.poll(10)
+    if count_started() >= 16:
+        break
 os.kill(pid, sig)
 try:
     while h.aio_in_flight() > 0:
@@ -76,16 +90,22 @@ inflight() {
         not_ok "$name: server started"; not_ok "$name: writes acknowledged (no server)"; not_ok "$name: writes on disk (no server)"
         return
     fi
-    python "$tmp/inflight.py" "$uri" "$server_pid" "$sig" "$tmp/$name.acked" 2> "$tmp/$name.py.log"
+    python "$tmp/inflight.py" "$uri" "$server_pid" "$sig" "$tmp/$name.acked" "$tmp/$name.started" \
+        2> "$tmp/$name.py.log"
     stop_server   # the signal was sent already; this waits (and reaps)
     is "$name: exit status 0 after signal $sig" "$stopped_rc" 0
     is "$name: all 16 writes in flight were acknowledged" "$(wc -w < "$tmp/$name.acked" 2> /dev/null)" 16
     is "$name: every acknowledged write is in the file" \
        "$("$PYTHON" "$tmp/verify.py" "$tmp/$name.img" "$tmp/$name.acked" 2>&1)" "all on disk"
 }
-inflight slow-term 15 "$tmp/slowfile.so"
-inflight slow-int 2 "$tmp/slowfile.so"
-inflight delay-filter 15 --filter=delay file delay-write=300ms
+: > "$tmp/slow-term.started"; : > "$tmp/slow-int.started"
+inflight slow-term 15 "$tmp/slowfile.so" started="$tmp/slow-term.started"
+inflight slow-int 2 "$tmp/slowfile.so" started="$tmp/slow-int.started"
+if have_filter delay; then
+    inflight delay-filter 15 --filter=delay file delay-write=300ms
+else
+    for i in 1 2 3; do skip "the delay filter is not built"; done
+fi
 
 # An idle client does not keep a terminating server alive.
 start_server idle memory 1M
