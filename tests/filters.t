@@ -8,7 +8,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "lib
 import nbdtest
 from nbdtest import nbd, errno_of
 
-t = nbdtest.Test(plan=21, filters=("delay", "error"))
+t = nbdtest.Test(plan=26, filters=("delay", "error"))
 
 
 def timed(fn):
@@ -171,4 +171,35 @@ r = subprocess.run([nbdtest.NBDSERVE, "-U", "-", "--filter=delay", "memory", "1M
                     "delay-read=soon", "--run", "true"], capture_output=True, text=True, timeout=30)
 t.ok(r.returncode == 1 and "delay-read" in r.stderr,
      "delay-read=soon: refused with a message (exit %d: %s)" % (r.returncode, r.stderr.strip()))
+# Kind-specific settings win over the general ones, whatever their order.
+h = server_or_none("error-kinds", "--filter=error", "memory", "1M", "error-pwrite-rate=0",
+                   "error=ENOSPC", "error-rate=1", "error-flush=EPERM")
+if h:
+    got = (errno_of(lambda: h.pread(512, 0)), errno_of(lambda: h.pwrite(b"k" * 512, 0)),
+           errno_of(lambda: h.flush()))
+    t.is_(got, ("ENOSPC", "no error", "EPERM"),
+          "error-pwrite-rate=0 and error-flush=EPERM override error= and error-rate=")
+    h.shutdown()
+    t.stop()
+else:
+    t.ok(False, "error kinds: server")
+
+# A random delay range: every read lands inside it.
+h = server_or_none("delay-range", "--filter=delay", "memory", "1M", "rdelay=50ms-120ms")
+if h:
+    times = [timed(lambda: h.pread(512, 0))[1] for _ in range(6)]
+    t.ok(min(times) >= 0.049, "rdelay=50ms-120ms: no read is faster than 50 ms (%s)"
+         % ", ".join("%.3f" % x for x in times))
+    h.shutdown()
+    t.stop()
+else:
+    t.ok(False, "delay range: server")
+
+for args, word in ((("--filter=error", "error=EAGAIN"), "error"),
+                   (("--filter=error", "error-rate=1.5"), "error-rate"),
+                   (("--filter=delay", "delay-write=50ms-10ms"), "delay-write")):
+    r = subprocess.run([nbdtest.NBDSERVE, "-U", "-", args[0], "memory", "1M", args[1],
+                        "--run", "true"], capture_output=True, text=True, timeout=30)
+    t.ok(r.returncode == 1 and word in r.stderr,
+         "%s: refused with a message (exit %d: %s)" % (args[1], r.returncode, r.stderr.strip()))
 t.finish()

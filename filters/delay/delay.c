@@ -1,0 +1,235 @@
+/* nbdserve delay filter: add latency to requests.
+ *
+ * Useful to see how a client behaves against a slow disk, and to hold
+ * requests in flight in tests.  Each kind of request has its own delay,
+ * fixed ("200ms") or drawn uniformly from a range ("10ms-50ms").  The
+ * delay is a sleep in the worker thread that runs the request, so the
+ * filter makes the chain a blocking one: other requests and connections
+ * go on in the other workers meanwhile.
+ *
+ * SPDX-License-Identifier: BSD-3-Clause
+ */
+#include <errno.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "nbdserve-filter.h"
+
+enum kind { READ, WRITE, ZERO, TRIM, FLUSH, EXTENTS, CACHE, OPEN, CLOSE, NR_KINDS };
+
+static const char *const kind_names[NR_KINDS] = {
+  "read", "write", "zero", "trim", "flush", "extents", "cache", "open", "close",
+};
+
+/* A delay in nanoseconds, uniform in [min, max]; min == max when fixed. */
+struct delay {
+  int set;
+  uint64_t min, max;
+};
+
+static struct delay delays[NR_KINDS];
+
+static int delay_load(void)
+{
+  memset(delays, 0, sizeof delays);
+  return 0;
+}
+
+/* One duration: a decimal number of seconds, or with a unit s, ms, us
+ * or ns ("1.5", "200ms", "250us").  Returns nanoseconds, or -1. */
+static int64_t parse_duration(const char *str, const char **end_out)
+{
+  char *end;
+  errno = 0;
+  double value = strtod(str, &end);
+  if (errno || end == str || !(value >= 0))
+    return -1;
+  double scale = 1e9;
+  if (strncmp(end, "ms", 2) == 0)
+    scale = 1e6, end += 2;
+  else if (strncmp(end, "us", 2) == 0)
+    scale = 1e3, end += 2;
+  else if (strncmp(end, "ns", 2) == 0)
+    scale = 1, end += 2;
+  else if (*end == 's')
+    end++;
+  double ns = value * scale;
+  if (ns > 3600e9) /* an hour: anything longer is surely a typo */
+    return -1;
+  *end_out = end;
+  return (int64_t) ns;
+}
+
+/* "DURATION" or "MIN-MAX". */
+static int parse_delay(const char *key, const char *value, struct delay *d)
+{
+  const char *end;
+  int64_t min = parse_duration(value, &end), max = min;
+  if (min >= 0 && *end == '-')
+    max = parse_duration(end + 1, &end);
+  if (min < 0 || max < 0 || *end != '\0' || max < min) {
+    nbdserve_error("%s=%s: expected a duration such as 1.5, 200ms or 250us, "
+                   "or a range MIN-MAX such as 10ms-50ms (at most 1 hour)", key, value);
+    return -1;
+  }
+  *d = (struct delay){ .set = 1, .min = (uint64_t) min, .max = (uint64_t) max };
+  return 0;
+}
+
+static int delay_config(const char *key, const char *value)
+{
+  /* rdelay and wdelay: the short names users of other servers know. */
+  if (strcmp(key, "rdelay") == 0)
+    return parse_delay(key, value, &delays[READ]) == 0 ? 1 : -1;
+  if (strcmp(key, "wdelay") == 0)
+    return parse_delay(key, value, &delays[WRITE]) == 0 ? 1 : -1;
+  if (strncmp(key, "delay-", 6) != 0)
+    return 0;
+  for (int k = 0; k < NR_KINDS; k++)
+    if (strcmp(key + 6, kind_names[k]) == 0)
+      return parse_delay(key, value, &delays[k]) == 0 ? 1 : -1;
+  return 0; /* not ours: the plugin may know it, or refuses it */
+}
+
+/* Zero and trim change data as writes do: unless told otherwise, they
+ * are as slow as writes. */
+static int delay_config_complete(void)
+{
+  if (!delays[ZERO].set)
+    delays[ZERO] = delays[WRITE];
+  if (!delays[TRIM].set)
+    delays[TRIM] = delays[WRITE];
+  return 0;
+}
+
+static uint64_t random_below(uint64_t bound)
+{
+  static __thread uint64_t state;
+  if (state == 0) {
+    if (getrandom(&state, sizeof state, 0) != sizeof state)
+      state = (uint64_t)(uintptr_t)&state ^ (uint64_t)getpid();
+    state |= 1;
+  }
+  state ^= state << 13;
+  state ^= state >> 7;
+  state ^= state << 17;
+  return bound ? state % bound : 0;
+}
+
+static void wait_for(enum kind k)
+{
+  const struct delay *d = &delays[k];
+  if (!d->set)
+    return;
+  uint64_t ns = d->min + random_below(d->max - d->min + 1);
+  struct timespec ts = { .tv_sec = (time_t)(ns / 1000000000), .tv_nsec = (long)(ns % 1000000000) };
+  while (nanosleep(&ts, &ts) == -1 && errno == EINTR)
+    ;
+}
+
+static void *delay_open(struct nbdserve_next *next, int readonly, const char *export_name)
+{
+  (void) next, (void) readonly, (void) export_name;
+  wait_for(OPEN);
+  return &delays; /* any non-NULL handle: the filter keeps no per-connection state */
+}
+
+static void delay_close(void *handle)
+{
+  (void) handle;
+  wait_for(CLOSE);
+}
+
+static int delay_pread(struct nbdserve_next *next, void *handle, void *buf, uint32_t count,
+                       uint64_t offset, uint32_t flags)
+{
+  (void) handle;
+  wait_for(READ);
+  return nbdserve_next_pread(next, buf, count, offset, flags);
+}
+
+static int delay_pwrite(struct nbdserve_next *next, void *handle, const void *buf,
+                        uint32_t count, uint64_t offset, uint32_t flags)
+{
+  (void) handle;
+  wait_for(WRITE);
+  return nbdserve_next_pwrite(next, buf, count, offset, flags);
+}
+
+static int delay_zero(struct nbdserve_next *next, void *handle, uint64_t count,
+                      uint64_t offset, uint32_t flags)
+{
+  (void) handle;
+  wait_for(ZERO);
+  return nbdserve_next_zero(next, count, offset, flags);
+}
+
+static int delay_trim(struct nbdserve_next *next, void *handle, uint64_t count,
+                      uint64_t offset, uint32_t flags)
+{
+  (void) handle;
+  wait_for(TRIM);
+  return nbdserve_next_trim(next, count, offset, flags);
+}
+
+static int delay_flush(struct nbdserve_next *next, void *handle, uint32_t flags)
+{
+  (void) handle;
+  wait_for(FLUSH);
+  return nbdserve_next_flush(next, flags);
+}
+
+static int delay_extents(struct nbdserve_next *next, void *handle, uint64_t count,
+                         uint64_t offset, uint32_t flags, struct nbdserve_extents *extents)
+{
+  (void) handle;
+  wait_for(EXTENTS);
+  return nbdserve_next_extents(next, count, offset, flags, extents);
+}
+
+static int delay_cache(struct nbdserve_next *next, void *handle, uint64_t count,
+                       uint64_t offset, uint32_t flags)
+{
+  (void) handle;
+  wait_for(CACHE);
+  return nbdserve_next_cache(next, count, offset, flags);
+}
+
+#define DELAY_CONFIG_HELP                                                              \
+  "delay-read=DELAY       delay reads (alias: rdelay)\n"                              \
+  "delay-write=DELAY      delay writes (alias: wdelay); also zero and trim unless\n"  \
+  "                       they have their own delay\n"                                \
+  "delay-zero=DELAY, delay-trim=DELAY, delay-flush=DELAY, delay-extents=DELAY,\n"     \
+  "delay-cache=DELAY      delay that kind of request\n"                               \
+  "delay-open=DELAY, delay-close=DELAY\n"                                             \
+  "                       delay opening or closing a connection's export\n"           \
+  "DELAY is seconds (1.5) or has a unit (200ms, 250us), or is a range MIN-MAX\n"      \
+  "(10ms-50ms) to draw each delay from at random."
+
+static struct nbdserve_filter filter = {
+  NBDSERVE_FILTER_INIT,
+  .name = "delay",
+  .longname = "nbdserve delay filter",
+  .version = "1.0",
+  .description = "Add a fixed or random latency to each kind of request",
+  .config_help = DELAY_CONFIG_HELP,
+  .thread_model = NBDSERVE_THREAD_MODEL_PARALLEL,
+  .load = delay_load,
+  .config = delay_config,
+  .config_complete = delay_config_complete,
+  .open = delay_open,
+  .close = delay_close,
+  .pread = delay_pread,
+  .pwrite = delay_pwrite,
+  .zero = delay_zero,
+  .trim = delay_trim,
+  .flush = delay_flush,
+  .extents = delay_extents,
+  .cache = delay_cache,
+};
+
+NBDSERVE_REGISTER_FILTER(filter)
