@@ -46,6 +46,8 @@ struct options {
   const char *run; /* --run CMD */
   const char *export_name; /* -e NAME: name shown in $uri and used with -o */
   unsigned threads; /* -t N: worker threads */
+  double handshake_timeout; /* --handshake-timeout SECONDS; 0 = no limit */
+  unsigned max_connections; /* --max-connections N; 0 = no limit */
   enum tls_mode tls;
   const char *tls_certificates;
   const char *tls_psk;

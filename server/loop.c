@@ -31,6 +31,8 @@ static ev_child captive_watcher;
 static ev_io *listen_watchers;
 static size_t nr_listeners;
 static bool accepting_paused;
+static bool out_of_fds; /* accept hit EMFILE/ENFILE: pause, retry later */
+static ev_timer fd_retry_timer;
 static volatile sig_atomic_t shutdown_requested;
 static bool shutting_down;
 static bool exit_when_idle; /* -s: stop when the one connection closes */
@@ -372,8 +374,6 @@ static void handshake_timeout_cb(struct ev_loop *l, ev_timer *w, int revents)
   conn_service(conn);
 }
 
-#define HANDSHAKE_TIMEOUT 10.0
-
 static void conn_start(int rfd, int wfd)
 {
   struct conn *conn = conn_new(rfd, wfd);
@@ -392,9 +392,10 @@ static void conn_start(int rfd, int wfd)
   ev_io_init(&conn->rio, read_cb, rfd, EV_READ);
   ev_io_init(&conn->wio, write_cb, wfd, EV_WRITE);
   conn->rio.data = conn->wio.data = conn;
-  ev_timer_init(&conn->handshake_timer, handshake_timeout_cb, HANDSHAKE_TIMEOUT, 0.);
+  ev_timer_init(&conn->handshake_timer, handshake_timeout_cb, opt.handshake_timeout, 0.);
   conn->handshake_timer.data = conn;
-  ev_timer_start(loop, &conn->handshake_timer);
+  if (opt.handshake_timeout > 0)
+    ev_timer_start(loop, &conn->handshake_timer);
   nbdserve_debug("connection %u opened", conn->id);
   if (!opt.oldstyle)
     ev_io_start(loop, &conn->rio); /* oldstyle reads only after the export is open */
@@ -407,7 +408,7 @@ static void conn_start(int rfd, int wfd)
 
 static void conn_update_accepting(void)
 {
-  bool pause = shutting_down ||
+  bool pause = shutting_down || out_of_fds ||
                (thread_model == NBDSERVE_THREAD_MODEL_SERIALIZE_CONNECTIONS && nr_conns > 0);
   if (pause == accepting_paused)
     return;
@@ -420,6 +421,40 @@ static void conn_update_accepting(void)
   }
 }
 
+static void fd_retry_cb(struct ev_loop *l, ev_timer *w, int revents)
+{
+  (void) l, (void) w, (void) revents;
+  out_of_fds = false;
+  conn_update_accepting();
+}
+
+/* With no file descriptor left, the listener stays readable and accept
+ * would fail in a busy loop: stop listening for a moment instead, while
+ * the connections we have go on being served. */
+static void pause_for_fds(void)
+{
+  nbdserve_error("accept: %s; not accepting for 100 ms", strerror(errno));
+  out_of_fds = true;
+  conn_update_accepting();
+  ev_timer_init(&fd_retry_timer, fd_retry_cb, 0.1, 0.);
+  ev_timer_start(loop, &fd_retry_timer);
+}
+
+/* Over --max-connections: the client is accepted only to be closed at
+ * once, so that it sees the refusal straight away instead of waiting in
+ * the listen queue.  The message is printed at most once a second. */
+static void refuse_connection(int fd)
+{
+  static ev_tstamp last_message;
+  ev_tstamp now = ev_now(loop);
+  if (now - last_message >= 1.0) {
+    nbdserve_error("refusing a connection: already serving %u (--max-connections)",
+                   nr_conns);
+    last_message = now;
+  }
+  close(fd);
+}
+
 static void accept_cb(struct ev_loop *l, ev_io *w, int revents)
 {
   (void) l, (void) revents;
@@ -427,10 +462,16 @@ static void accept_cb(struct ev_loop *l, ev_io *w, int revents)
   for (int i = 0; i < 64 && !accepting_paused; i++) {
     int fd = accept4(w->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
     if (fd < 0) {
-      if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR &&
-          errno != ECONNABORTED)
+      if (errno == EMFILE || errno == ENFILE)
+        pause_for_fds();
+      else if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR &&
+               errno != ECONNABORTED)
         nbdserve_error("accept: %s", strerror(errno));
       return;
+    }
+    if (opt.max_connections && nr_conns >= opt.max_connections) {
+      refuse_connection(fd);
+      continue;
     }
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one); /* fails on Unix: fine */

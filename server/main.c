@@ -40,6 +40,8 @@ enum {
   OPT_TLS_PSK,
   OPT_TLS_VERIFY_PEER,
   OPT_DUMP_PLUGIN,
+  OPT_HANDSHAKE_TIMEOUT,
+  OPT_MAX_CONNECTIONS,
 };
 
 /* The leading ':' makes getopt report a missing argument as ':' and stay
@@ -70,6 +72,8 @@ static const struct option long_options[] = {
   { "tls-psk", required_argument, NULL, OPT_TLS_PSK },
   { "tls-verify-peer", no_argument, NULL, OPT_TLS_VERIFY_PEER },
   { "dump-plugin", no_argument, NULL, OPT_DUMP_PLUGIN },
+  { "handshake-timeout", required_argument, NULL, OPT_HANDSHAKE_TIMEOUT },
+  { "max-connections", required_argument, NULL, OPT_MAX_CONNECTIONS },
   { NULL, 0, NULL, 0 },
 };
 
@@ -108,6 +112,10 @@ static void usage(FILE *fp)
 "      --exit-with-parent    stop when the parent process exits (implies -f)\n"
 "  -P, --pidfile FILE        write the server's PID to FILE once it is ready\n"
 "  -t, --threads N           worker threads (default: 2 per CPU, at least 4)\n"
+"      --max-connections N   serve at most N clients at once; more are refused\n"
+"                            (default 0: no limit)\n"
+"      --handshake-timeout S close a client that has not finished the\n"
+"                            handshake after S seconds (default 10, 0: never)\n"
 "  -v, --verbose             print debug messages\n"
 "\n"
 "What to serve:\n"
@@ -162,6 +170,28 @@ static unsigned parse_threads(const char *arg)
   long n = strtol(arg, &end, 10);
   if (errno != 0 || end == arg || *end != '\0' || n < 1 || n > MAX_THREADS)
     die("-t: '%s' is not a thread count between 1 and %d", arg, MAX_THREADS);
+  return (unsigned) n;
+}
+
+/* Seconds, fractions allowed; 0 turns the limit off. */
+static double parse_handshake_timeout(const char *arg)
+{
+  char *end;
+  errno = 0;
+  double seconds = strtod(arg, &end);
+  if (errno != 0 || end == arg || *end != '\0' || !(seconds >= 0 && seconds <= 86400))
+    die("--handshake-timeout: '%s' is not a number of seconds from 0 (no limit) to 86400",
+        arg);
+  return seconds;
+}
+
+static unsigned parse_max_connections(const char *arg)
+{
+  char *end;
+  errno = 0;
+  long n = strtol(arg, &end, 10);
+  if (errno != 0 || end == arg || *end != '\0' || n < 0 || n > 1000000)
+    die("--max-connections: '%s' is not a number from 0 (no limit) to 1000000", arg);
   return (unsigned) n;
 }
 
@@ -285,6 +315,8 @@ static void parse_options(int argc, char **argv, struct command *cmd)
     case OPT_TLS_PSK: opt.tls_psk = optarg; break;
     case OPT_TLS_VERIFY_PEER: opt.tls_verify_peer = true; break;
     case OPT_DUMP_PLUGIN: cmd->dump_plugin = true; break;
+    case OPT_HANDSHAKE_TIMEOUT: opt.handshake_timeout = parse_handshake_timeout(optarg); break;
+    case OPT_MAX_CONNECTIONS: opt.max_connections = parse_max_connections(optarg); break;
     case ':':
       die("option '%s' needs a value; try 'nbdserve --help'", argv[optind - 1]);
     default:
@@ -395,6 +427,7 @@ int main(int argc, char **argv)
 {
   struct command cmd = { 0 };
 
+  opt.handshake_timeout = 10; /* seconds, unless --handshake-timeout says otherwise */
   parse_options(argc, argv, &cmd);
 
   if (cmd.version) {

@@ -80,7 +80,6 @@ expect sr "structured replies first, then extended headers: extended wins" \
     '^rep EXTENDED_HEADERS ACK' '^reply cookie=1 error=OK kind=extended'
 
 raw down hello extended structured go 'req READ off=65536 len=8 cookie=1' recv
-todo "server bug: it acknowledges STRUCTURED_REPLY after EXTENDED_HEADERS"
 expect down "STRUCTURED_REPLY after EXTENDED_HEADERS: NBD_REP_ERR_EXT_HEADER_REQD (no downgrade)" \
     '^rep STRUCTURED_REPLY ERR_EXT_HEADER_REQD'
 expect down "... and replies stay extended" '^reply cookie=1 error=OK kind=extended'
