@@ -440,6 +440,7 @@ int main(int argc, char **argv)
       fflush(stdout);
       load_chain(cmd.plugin, cmd.filters, cmd.nfilters);
       chain_help(stdout);
+      unload_chain();
     }
     return EXIT_SUCCESS;
   }
@@ -448,6 +449,7 @@ int main(int argc, char **argv)
       die("--dump-plugin needs a plugin name, e.g. 'nbdserve --dump-plugin memory'");
     load_chain(cmd.plugin, cmd.filters, cmd.nfilters);
     chain_dump(stdout);
+    unload_chain();
     return EXIT_SUCCESS;
   }
 
