@@ -61,7 +61,8 @@ struct nbdserve_filter {
   /* ---- Connections ----
    * open may call nbdserve_next_open to open the layer below with other
    * arguments (e.g. forcing read-only); if it does not, the server opens
-   * the layer below with the same arguments before calling open.  The
+   * the layer below with the same arguments once open has returned, so
+   * open itself must not call down other than through nbdserve_next_open.  The
    * returned handle is passed back to every other callback; return NULL
    * on error.  A filter with no per-connection state may leave open NULL. */
   void *(*open)(struct nbdserve_next *next, int readonly, const char *export_name);

@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include "conn.h"
+#include "tls.h"
 
 static unsigned next_conn_id;
 
@@ -71,6 +72,11 @@ void conn_free(struct conn *conn)
   free(conn->export_name);
   free(conn->opt_data);
   free(conn->hs_out.data);
+  if (conn->tls) {
+    if (!conn->write_failed)
+      tls_close_notify(conn->tls);
+    tls_session_free(conn->tls);
+  }
   if (conn->rfd >= 0)
     close(conn->rfd);
   if (conn->wfd >= 0 && conn->wfd != conn->rfd)
@@ -182,7 +188,7 @@ static int write_reply(struct conn *conn, struct request *req)
 {
   while (req->iov_done < req->niov) {
     int n = req->niov - req->iov_done;
-    ssize_t r = writev(conn->wfd, &req->iov[req->iov_done], n > IOV_MAX ? IOV_MAX : n);
+    ssize_t r = conn_writev(conn, &req->iov[req->iov_done], n > IOV_MAX ? IOV_MAX : n);
     if (r < 0) {
       if (errno == EINTR)
         continue;
@@ -214,7 +220,9 @@ void conn_send_reply(struct request *req)
   if (conn->write_failed) {
     done = true;
   }
-  else if (conn->send_head == NULL && !conn->batching) {
+  else if (conn->send_head == NULL && !conn->batching && !conn->tls) {
+    /* Straight to the socket from this thread; a TLS session belongs to
+     * the loop thread, so its replies always take the queue. */
     int r = write_reply(conn, req);
     if (r != 0)
       done = true;
@@ -245,6 +253,16 @@ void conn_send_reply(struct request *req)
     request_put(req);
 }
 
+ssize_t conn_recv(struct conn *conn, void *buf, size_t len)
+{
+  return conn->tls ? tls_recv(conn->tls, buf, len) : read(conn->rfd, buf, len);
+}
+
+ssize_t conn_writev(struct conn *conn, const struct iovec *iov, int niov)
+{
+  return conn->tls ? tls_writev(conn->tls, iov, niov) : writev(conn->wfd, iov, niov);
+}
+
 /* Loop thread: write queued replies, many per writev.  Returns false on
  * a write error. */
 bool conn_flush(struct conn *conn)
@@ -255,11 +273,16 @@ bool conn_flush(struct conn *conn)
 
   pthread_mutex_lock(&conn->send_lock);
   while (conn->send_head && !conn->write_failed) {
+    /* TLS writes a record at a time: gathering more is wasted work. */
+    size_t cap = conn->tls ? TLS_RECORD_SIZE : SIZE_MAX, gathered = 0;
     int niov = 0;
-    for (struct request *req = conn->send_head; req && niov < IOV_MAX; req = req->next)
-      for (int i = req->iov_done; i < req->niov && niov < IOV_MAX; i++)
+    for (struct request *req = conn->send_head; req && niov < IOV_MAX && gathered < cap;
+         req = req->next)
+      for (int i = req->iov_done; i < req->niov && niov < IOV_MAX && gathered < cap; i++) {
         iov[niov++] = req->iov[i];
-    ssize_t r = writev(conn->wfd, iov, niov);
+        gathered += req->iov[i].iov_len;
+      }
+    ssize_t r = conn_writev(conn, iov, niov);
     if (r < 0) {
       if (errno == EINTR)
         continue;

@@ -65,12 +65,14 @@ enum conn_state {
   CONN_GREETING, /* greeting queued, waiting for client flags */
   CONN_OPTIONS, /* reading option headers */
   CONN_OPTION_BUSY, /* an option is being processed by a worker */
+  CONN_TLS_HANDSHAKE, /* after STARTTLS: the TLS handshake is running */
   CONN_TRANSMISSION,
   CONN_CLOSING, /* no more reading; close once idle */
 };
 
 /* Result of processing one option. */
-enum option_result { OPTION_PENDING, OPTION_CONTINUE, OPTION_TRANSMIT, OPTION_CLOSE };
+enum option_result { OPTION_PENDING, OPTION_CONTINUE, OPTION_TRANSMIT, OPTION_CLOSE,
+                     OPTION_STARTTLS };
 
 struct selected_context {
   uint32_t id;
@@ -80,6 +82,7 @@ struct selected_context {
 struct conn {
   unsigned id;
   int rfd, wfd; /* same socket, except for -s (stdin/stdout) */
+  struct tls_session *tls; /* after STARTTLS; its I/O is the loop thread's only */
   struct conn *prev_conn, *next_conn; /* all connections, loop-owned */
   ev_io rio, wio;
   ev_timer handshake_timer;
@@ -141,6 +144,9 @@ extern void request_put(struct request *req); /* reply sent or dropped */
 extern int request_reserve(struct request *req, size_t size); /* grow buf */
 extern void conn_send_reply(struct request *req); /* iovecs ready: send or queue */
 extern bool conn_flush(struct conn *conn); /* loop: write queued; false on error */
+/* The connection's byte stream, plain or through TLS (loop thread). */
+extern ssize_t conn_recv(struct conn *conn, void *buf, size_t len);
+extern ssize_t conn_writev(struct conn *conn, const struct iovec *iov, int niov);
 extern bool conn_is_idle(struct conn *conn); /* nothing in flight or queued */
 extern void bytebuf_append(struct bytebuf *b, const void *data, size_t len);
 extern void bytebuf_put_u16(struct bytebuf *b, uint16_t v);
@@ -154,6 +160,7 @@ extern void dispatch_job(struct job *job); /* worker, or inline for never-blocki
 extern void conn_close_when_idle(struct conn *conn);
 extern void conn_pause_for_option(struct conn *conn);
 extern void conn_resume_after_option(struct conn *conn);
+extern void conn_start_tls(struct conn *conn); /* after the STARTTLS reply went out */
 extern bool run_inline; /* chain never blocks: run requests on the loop thread */
 extern int thread_model;
 extern pthread_mutex_t all_requests_lock; /* SERIALIZE_ALL_REQUESTS */

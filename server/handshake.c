@@ -106,10 +106,17 @@ static char *read_string(struct reader *r, uint32_t max)
 
 /* ---- Opening an export -------------------------------------------------- */
 
+/* Whether the connection being served runs TLS (options run on workers
+ * with current_identity set to the connection's). */
+static int current_tls(void)
+{
+  return nbdserve_is_tls();
+}
+
 static char *resolve_export_name(const char *name)
 {
   if (name[0] == '\0') {
-    const char *def = nbdserve_next_default_export(chain_global(), opt.readonly, 0);
+    const char *def = nbdserve_next_default_export(chain_global(), opt.readonly, current_tls());
     if (def && def[0])
       return strdup(def);
     if (opt.export_name)
@@ -249,7 +256,7 @@ static enum option_result opt_list(struct conn *conn)
     return OPTION_CONTINUE;
   }
   struct nbdserve_exports *exports = exports_new();
-  if (nbdserve_next_list_exports(chain_global(), opt.readonly, 0, exports) == -1) {
+  if (nbdserve_next_list_exports(chain_global(), opt.readonly, current_tls(), exports) == -1) {
     reply_error_msg(conn, NBD_REP_ERR_PLATFORM, "cannot list exports: %s", strerror(errno));
     exports_free(exports);
     return OPTION_CONTINUE;
@@ -273,7 +280,7 @@ static char *export_description(const char *export)
 {
   char *found = NULL;
   struct nbdserve_exports *exports = exports_new();
-  if (nbdserve_next_list_exports(chain_global(), opt.readonly, 0, exports) == 0) {
+  if (nbdserve_next_list_exports(chain_global(), opt.readonly, current_tls(), exports) == 0) {
     for (size_t i = 0; i < exports_count(exports); i++) {
       const char *desc = exports_description(exports, i);
       if (desc && strcmp(exports_name(exports, i), export) == 0) {
@@ -404,10 +411,53 @@ static enum option_result opt_meta_context(struct conn *conn)
   return OPTION_CONTINUE;
 }
 
+static enum option_result opt_starttls(struct conn *conn)
+{
+  if (opt.tls == TLS_OFF) {
+    reply_error_msg(conn, NBD_REP_ERR_POLICY, "TLS is not enabled on this server");
+    return OPTION_CONTINUE;
+  }
+  if (conn->identity.is_tls) {
+    reply_error_msg(conn, NBD_REP_ERR_INVALID, "TLS is already running");
+    return OPTION_CONTINUE;
+  }
+  if (conn->opt_len != 0) {
+    reply_error_msg(conn, NBD_REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data");
+    return OPTION_CONTINUE;
+  }
+  /* What was negotiated in plaintext does not carry over into TLS. */
+  conn->structured = conn->extended = false;
+  meta_clear(conn);
+  reply_ack(conn);
+  return OPTION_STARTTLS;
+}
+
+/* --tls=require: before TLS, nothing but STARTTLS and ABORT is served,
+ * so no export name or data is seen in plaintext. */
+static bool refused_before_tls(struct conn *conn)
+{
+  if (opt.tls != TLS_REQUIRE || conn->identity.is_tls)
+    return false;
+  switch (conn->opt_type) {
+  case NBD_OPT_STARTTLS:
+  case NBD_OPT_ABORT:
+    return false;
+  case NBD_OPT_EXPORT_NAME: /* cannot be answered with an error */
+    nbdserve_error("connection %u: NBD_OPT_EXPORT_NAME without TLS under --tls=require; "
+                   "closing", conn->id);
+    return true;
+  default:
+    reply_error_msg(conn, NBD_REP_ERR_TLS_REQD, "this server requires TLS (NBD_OPT_STARTTLS)");
+    return true;
+  }
+}
+
 /* Runs on a worker (or inline): process conn->opt_type / opt_data. */
 static enum option_result process_option(struct conn *conn)
 {
   nbdserve_debug("connection %u: option %u, %u bytes", conn->id, conn->opt_type, conn->opt_len);
+  if (refused_before_tls(conn))
+    return conn->opt_type == NBD_OPT_EXPORT_NAME ? OPTION_CLOSE : OPTION_CONTINUE;
   switch (conn->opt_type) {
   case NBD_OPT_EXPORT_NAME:
     return opt_export_name(conn);
@@ -417,8 +467,7 @@ static enum option_result process_option(struct conn *conn)
   case NBD_OPT_LIST:
     return opt_list(conn);
   case NBD_OPT_STARTTLS:
-    reply_error_msg(conn, NBD_REP_ERR_POLICY, "TLS is not enabled on this server");
-    return OPTION_CONTINUE;
+    return opt_starttls(conn);
   case NBD_OPT_INFO:
   case NBD_OPT_GO:
     return opt_info_go(conn);
@@ -614,6 +663,9 @@ void handshake_option_finished(struct conn *conn)
     return;
   case OPTION_CLOSE:
     conn_close_when_idle(conn);
+    return;
+  case OPTION_STARTTLS:
+    conn_start_tls(conn); /* the loop flushed the acknowledgement already */
     return;
   case OPTION_TRANSMIT:
     nbdserve_debug("connection %u: export '%s', size %lld, flags 0x%x%s%s", conn->id,

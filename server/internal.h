@@ -52,6 +52,7 @@ struct options {
   const char *tls_certificates;
   const char *tls_psk;
   bool tls_verify_peer;
+  bool tls_strict_keys; /* --tls-strict-keys: key files open to others are fatal */
 };
 extern struct options opt;
 

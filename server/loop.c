@@ -18,6 +18,7 @@
 #include <unistd.h>
 
 #include "conn.h"
+#include "tls.h"
 
 bool run_inline;
 int thread_model;
@@ -235,7 +236,9 @@ static void conn_read(struct conn *conn)
       conn->in_end -= conn->in_start;
       conn->in_start = 0;
     }
-    ssize_t r = read(conn->rfd, conn->inbuf + conn->in_end, INBUF_SIZE - conn->in_end);
+    if (conn->in_end == INBUF_SIZE)
+      return; /* nothing parsed the full buffer yet: it will, then read */
+    ssize_t r = conn_recv(conn, conn->inbuf + conn->in_end, INBUF_SIZE - conn->in_end);
     if (r < 0) {
       if (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK)
         return;
@@ -258,7 +261,8 @@ static bool flush_handshake_output(struct conn *conn)
 {
   struct bytebuf *b = &conn->hs_out;
   while (b->sent < b->len) {
-    ssize_t r = write(conn->wfd, b->data + b->sent, b->len - b->sent);
+    struct iovec iov = { b->data + b->sent, b->len - b->sent };
+    ssize_t r = conn_writev(conn, &iov, 1);
     if (r < 0) {
       if (errno == EINTR)
         continue;
@@ -329,26 +333,83 @@ static void conn_service(struct conn *conn)
     pthread_mutex_unlock(&conn->lock);
   }
 
+  if (conn->tls && tls_wants_write(conn->tls) && !conn->write_failed)
+    pending = true; /* the TLS handshake, or a record half sent */
   if (pending)
     ev_io_start(loop, &conn->wio);
   else
     ev_io_stop(loop, &conn->wio);
 
-  if (conn->state == CONN_CLOSING && !pending && conn_is_idle(conn))
+  if (conn->state == CONN_CLOSING && !pending && conn_is_idle(conn)) {
     conn_destroy(conn);
+    return;
+  }
+  /* Input TLS already decrypted will not make the socket readable: come
+   * back for it on the next loop iteration, if reading is on. */
+  if (conn->tls && conn->state != CONN_TLS_HANDSHAKE && ev_is_active(&conn->rio) &&
+      tls_pending(conn->tls) > 0)
+    ev_feed_event(loop, &conn->rio, EV_READ);
+}
+
+/* ---- TLS handshake -------------------------------------------------------- */
+
+/* Called by handshake.c once the STARTTLS acknowledgement is out: from
+ * here every byte of the connection goes through TLS. */
+void conn_start_tls(struct conn *conn)
+{
+  if (conn->in_end != conn->in_start) {
+    nbdserve_error("connection %u: data sent after STARTTLS before its reply; closing",
+                   conn->id);
+    conn_close_when_idle(conn);
+    return;
+  }
+  conn->tls = tls_session_new(conn->rfd, conn->wfd, conn->id);
+  if (conn->tls == NULL) {
+    conn_close_when_idle(conn);
+    return;
+  }
+  conn->state = CONN_TLS_HANDSHAKE;
+  ev_io_start(loop, &conn->rio);
+}
+
+static void conn_tls_handshake(struct conn *conn)
+{
+  switch (tls_handshake(conn->tls)) {
+  case TLS_DONE:
+    conn->identity.is_tls = 1;
+    conn->identity.tls_identity = tls_peer_identity(conn->tls);
+    conn->state = CONN_OPTIONS;
+    conn_consume(conn);
+    break;
+  case TLS_WANT_READ:
+  case TLS_WANT_WRITE:
+    break; /* conn_service watches the socket for what it needs */
+  case TLS_FAILED:
+    /* Too late for anything but closing: the client was promised TLS. */
+    conn->write_failed = true;
+    conn_close_when_idle(conn);
+    break;
+  }
 }
 
 static void read_cb(struct ev_loop *l, ev_io *w, int revents)
 {
   (void) l, (void) revents;
-  conn_read(w->data);
-  conn_service(w->data);
+  struct conn *conn = w->data;
+  if (conn->state == CONN_TLS_HANDSHAKE)
+    conn_tls_handshake(conn);
+  else
+    conn_read(conn);
+  conn_service(conn);
 }
 
 static void write_cb(struct ev_loop *l, ev_io *w, int revents)
 {
   (void) l, (void) revents;
-  conn_service(w->data);
+  struct conn *conn = w->data;
+  if (conn->state == CONN_TLS_HANDSHAKE)
+    conn_tls_handshake(conn);
+  conn_service(conn);
 }
 
 /* Called by handshake.c (from conn_service) when an option finished. */

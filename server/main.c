@@ -26,6 +26,7 @@
 #include <mbedtls/version.h>
 
 #include "internal.h"
+#include "tls.h"
 
 struct options opt;
 int captive_exit_status;
@@ -42,6 +43,7 @@ enum {
   OPT_DUMP_PLUGIN,
   OPT_HANDSHAKE_TIMEOUT,
   OPT_MAX_CONNECTIONS,
+  OPT_TLS_STRICT_KEYS,
 };
 
 /* The leading ':' makes getopt report a missing argument as ':' and stay
@@ -74,6 +76,7 @@ static const struct option long_options[] = {
   { "dump-plugin", no_argument, NULL, OPT_DUMP_PLUGIN },
   { "handshake-timeout", required_argument, NULL, OPT_HANDSHAKE_TIMEOUT },
   { "max-connections", required_argument, NULL, OPT_MAX_CONNECTIONS },
+  { "tls-strict-keys", no_argument, NULL, OPT_TLS_STRICT_KEYS },
   { NULL, 0, NULL, 0 },
 };
 
@@ -125,11 +128,15 @@ static void usage(FILE *fp)
 "  -e, --exportname NAME     name of the default export (shown in $uri)\n"
 "  -o, --oldstyle            old-style handshake, for very old clients only\n"
 "\n"
-"TLS (not built yet: only --tls=off is accepted today):\n"
-"      --tls off|on|require  refuse, offer or require TLS\n"
-"      --tls-certificates DIR  X.509 certificates and key for TLS\n"
-"      --tls-psk FILE        pre-shared keys for TLS (psktool format)\n"
-"      --tls-verify-peer     require clients to present a trusted certificate\n"
+"TLS (see docs/tls.md):\n"
+"      --tls off|on|require  refuse (default), offer or require TLS\n"
+"      --tls-certificates DIR  X.509: DIR holds server-cert.pem, server-key.pem,\n"
+"                            and ca-cert.pem (ca-crl.pem) to check clients\n"
+"      --tls-psk FILE        pre-shared keys, identity:hexkey lines (psktool)\n"
+"      --tls-verify-peer     require clients to present a certificate signed\n"
+"                            by ca-cert.pem\n"
+"      --tls-strict-keys     refuse key files readable by group or others\n"
+"                            (default: a warning)\n"
 "\n"
 "Information:\n"
 "      --dump-plugin         describe PLUGIN (and filters) as key=value lines\n"
@@ -314,6 +321,7 @@ static void parse_options(int argc, char **argv, struct command *cmd)
     case OPT_TLS_CERTIFICATES: opt.tls_certificates = optarg; break;
     case OPT_TLS_PSK: opt.tls_psk = optarg; break;
     case OPT_TLS_VERIFY_PEER: opt.tls_verify_peer = true; break;
+    case OPT_TLS_STRICT_KEYS: opt.tls_strict_keys = true; break;
     case OPT_DUMP_PLUGIN: cmd->dump_plugin = true; break;
     case OPT_HANDSHAKE_TIMEOUT: opt.handshake_timeout = parse_handshake_timeout(optarg); break;
     case OPT_MAX_CONNECTIONS: opt.max_connections = parse_max_connections(optarg); break;
@@ -353,14 +361,15 @@ static void check_options(const struct command *cmd)
 
   if (opt.tls_certificates && opt.tls_psk)
     die("--tls-certificates and --tls-psk cannot be used together");
-  if (opt.tls == TLS_REQUIRE && !opt.tls_certificates && !opt.tls_psk)
-    die("--tls=require needs --tls-certificates DIR or --tls-psk FILE");
-  if (opt.tls == TLS_OFF && (opt.tls_certificates || opt.tls_psk || opt.tls_verify_peer))
-    die("--tls-certificates, --tls-psk and --tls-verify-peer need --tls=on or "
-                "--tls=require");
-  if (opt.tls != TLS_OFF)
-    die("--tls=%s: TLS support is not built yet; only --tls=off is accepted",
-                opt.tls == TLS_ON ? "on" : "require");
+  if (opt.tls == TLS_OFF && (opt.tls_certificates || opt.tls_psk || opt.tls_verify_peer ||
+                             opt.tls_strict_keys))
+    die("--tls-certificates, --tls-psk, --tls-verify-peer and --tls-strict-keys need "
+        "--tls=on or --tls=require");
+  if (opt.tls != TLS_OFF && !opt.tls_certificates && !opt.tls_psk)
+    die("--tls=%s needs --tls-certificates DIR or --tls-psk FILE",
+        opt.tls == TLS_ON ? "on" : "require");
+  if (opt.tls_verify_peer && !opt.tls_certificates)
+    die("--tls-verify-peer checks client certificates: it needs --tls-certificates DIR");
 }
 
 /* Hand every parameter after the plugin name to the chain.  The first
@@ -463,6 +472,8 @@ int main(int argc, char **argv)
 
   load_chain(cmd.plugin, cmd.filters, cmd.nfilters);
   configure_chain(&cmd);
+  if (opt.tls != TLS_OFF)
+    tls_setup(); /* bad certificates or keys stop us before we listen */
 
   server_pid = getpid();
   atexit(cleanup_at_exit);
@@ -487,6 +498,8 @@ int main(int argc, char **argv)
   int status = serve(listen_fds, nfds);
 
   unload_chain();
+  if (opt.tls != TLS_OFF)
+    tls_cleanup();
   remove_unix_socket();
   free(listen_fds);
   free(cmd.filters);

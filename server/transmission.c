@@ -56,9 +56,7 @@ uint32_t errno_to_nbd(int err)
 
 void conn_set_identity(struct conn *conn)
 {
-  conn->identity.export_name = conn->export_name;
-  conn->identity.is_tls = 0;
-  conn->identity.tls_identity = NULL;
+  conn->identity.export_name = conn->export_name; /* the TLS fields are set at STARTTLS */
 }
 
 /* ---- Checking a request --------------------------------------------------- */
@@ -523,7 +521,7 @@ void transmission_read_payload(struct conn *conn)
 {
   struct request *req = conn->partial;
   size_t need = req->payload_len - conn->partial_got;
-  ssize_t r = read(conn->rfd, req->buf + conn->partial_got, need);
+  ssize_t r = conn_recv(conn, req->buf + conn->partial_got, need);
 
   if (r < 0) {
     if (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK)
