@@ -179,6 +179,7 @@ extern void workers_stop(void); /* finish queued jobs, join */
 
 /* ---- loop.c / conn.c / handshake.c / transmission.c --------------------- */
 extern int serve(const int *listen_fds, size_t nfds); /* runs the loop; returns exit status */
+extern void serve_one_connection(int rfd, int wfd); /* fuzzing: one connection, in this thread */
 extern void request_shutdown(void); /* async-signal-safe and thread-safe */
 
 /* Map an errno to the NBD error set. */

@@ -598,7 +598,9 @@ static void captive_cb(struct ev_loop *l, ev_child *w, int revents)
 
 /* ---- Entry ------------------------------------------------------------- */
 
-int serve(const int *listen_fds, size_t nfds)
+/* What every way of serving needs: the loop, the workers, the watchers
+ * that other threads and signals use to reach the loop. */
+static void loop_setup(void)
 {
   signal(SIGPIPE, SIG_IGN);
   loop = ev_default_loop(EVFLAG_AUTO | EVFLAG_NOSIGMASK);
@@ -617,6 +619,30 @@ int serve(const int *listen_fds, size_t nfds)
   ev_async_start(loop, &kick_watcher);
   ev_async_init(&shutdown_watcher, shutdown_cb);
   ev_async_start(loop, &shutdown_watcher);
+}
+
+/* For the fuzzing harnesses: serve one connection on RFD/WFD (made
+ * non-blocking here) in the calling thread, and return once it closed.
+ * The first call sets the loop up; the chain must be configured. */
+void serve_one_connection(int rfd, int wfd)
+{
+  static bool ready;
+  if (!ready) {
+    loop_setup();
+    ready = true;
+  }
+  fcntl(rfd, F_SETFL, fcntl(rfd, F_GETFL) | O_NONBLOCK);
+  if (wfd != rfd)
+    fcntl(wfd, F_SETFL, fcntl(wfd, F_GETFL) | O_NONBLOCK);
+  exit_when_idle = true;
+  conn_start(rfd, wfd);
+  if (nr_conns > 0)
+    ev_run(loop, 0);
+}
+
+int serve(const int *listen_fds, size_t nfds)
+{
+  loop_setup();
   ev_signal_init(&sigint_watcher, signal_cb, SIGINT);
   ev_signal_start(loop, &sigint_watcher);
   ev_signal_init(&sigterm_watcher, signal_cb, SIGTERM);
