@@ -53,6 +53,7 @@ struct options {
   const char *tls_psk;
   bool tls_verify_peer;
   bool tls_strict_keys; /* --tls-strict-keys: key files open to others are fatal */
+  const char *user, *group; /* -u, -g: run as them once the sockets are bound */
 };
 extern struct options opt;
 
@@ -65,6 +66,16 @@ extern int captive_exit_status;
 extern void log_to_syslog(void);
 /* Fatal error during start-up: message and exit(EXIT_FAILURE). */
 extern void die(const char *fmt, ...) NBDSERVE_PRINTF(1, 2) __attribute__((noreturn));
+
+/* ---- acl.c: --allow and --deny -------------------------------------------- */
+extern void acl_add(bool allow, const char *rule); /* dies on a bad rule */
+extern bool acl_active(void);
+/* Whether the client on FD may connect; WHO receives a description. */
+extern bool acl_permits(int fd, char *who, size_t wholen);
+extern void acl_free(void);
+
+/* ---- privileges.c: -u and -g ------------------------------------------------ */
+extern void drop_privileges(void);
 
 /* ---- sockets.c: listening sockets --------------------------------------- */
 /* Bind every listening socket the options ask for (TCP on each address

@@ -9,6 +9,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <signal.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <netinet/in.h>
@@ -501,16 +502,16 @@ static void pause_for_fds(void)
   ev_timer_start(loop, &fd_retry_timer);
 }
 
-/* Over --max-connections: the client is accepted only to be closed at
- * once, so that it sees the refusal straight away instead of waiting in
- * the listen queue.  The message is printed at most once a second. */
-static void refuse_connection(int fd)
+/* Over --max-connections or not allowed: the client is accepted only to
+ * be closed at once, so that it sees the refusal straight away instead of
+ * waiting in the listen queue.  A message at most once a second, so that
+ * a flood cannot flood the log too. */
+static void refuse_connection(int fd, const char *why)
 {
   static ev_tstamp last_message;
   ev_tstamp now = ev_now(loop);
   if (now - last_message >= 1.0) {
-    nbdserve_error("refusing a connection: already serving %u (--max-connections)",
-                   nr_conns);
+    nbdserve_error("refusing a connection: %s", why);
     last_message = now;
   }
   close(fd);
@@ -531,7 +532,14 @@ static void accept_cb(struct ev_loop *l, ev_io *w, int revents)
       return;
     }
     if (opt.max_connections && nr_conns >= opt.max_connections) {
-      refuse_connection(fd);
+      refuse_connection(fd, "already serving the --max-connections limit");
+      continue;
+    }
+    char who[128];
+    if (acl_active() && !acl_permits(fd, who, sizeof who)) {
+      char why[192];
+      snprintf(why, sizeof why, "%s is not allowed by --allow/--deny", who);
+      refuse_connection(fd, why);
       continue;
     }
     int one = 1;

@@ -44,11 +44,13 @@ enum {
   OPT_HANDSHAKE_TIMEOUT,
   OPT_MAX_CONNECTIONS,
   OPT_TLS_STRICT_KEYS,
+  OPT_ALLOW,
+  OPT_DENY,
 };
 
 /* The leading ':' makes getopt report a missing argument as ':' and stay
  * quiet, so that every error message below has our own wording. */
-static const char short_options[] = ":U:p:i:sfroe:t:P:vVh";
+static const char short_options[] = ":U:p:i:sfroe:t:P:u:g:vVh";
 static const struct option long_options[] = {
   { "unix", required_argument, NULL, 'U' },
   { "port", required_argument, NULL, 'p' },
@@ -77,6 +79,10 @@ static const struct option long_options[] = {
   { "handshake-timeout", required_argument, NULL, OPT_HANDSHAKE_TIMEOUT },
   { "max-connections", required_argument, NULL, OPT_MAX_CONNECTIONS },
   { "tls-strict-keys", no_argument, NULL, OPT_TLS_STRICT_KEYS },
+  { "user", required_argument, NULL, 'u' },
+  { "group", required_argument, NULL, 'g' },
+  { "allow", required_argument, NULL, OPT_ALLOW },
+  { "deny", required_argument, NULL, OPT_DENY },
   { NULL, 0, NULL, 0 },
 };
 
@@ -119,6 +125,14 @@ static void usage(FILE *fp)
 "                            (default 0: no limit)\n"
 "      --handshake-timeout S close a client that has not finished the\n"
 "                            handshake after S seconds (default 10, 0: never)\n"
+"  -u, --user USER           run as USER once the sockets are bound\n"
+"  -g, --group GROUP         run as GROUP (default: USER's group)\n"
+"\n"
+"Who may connect (repeatable; a --deny that matches always wins):\n"
+"      --allow RULE          let in only clients matching an --allow RULE\n"
+"      --deny RULE           refuse clients matching RULE\n"
+"                            RULE: an address or prefix (192.168.0.0/16, ::1)\n"
+"                            for TCP; uid:USER or gid:GROUP for Unix sockets\n"
 "  -v, --verbose             print debug messages\n"
 "\n"
 "What to serve:\n"
@@ -322,6 +336,10 @@ static void parse_options(int argc, char **argv, struct command *cmd)
     case OPT_TLS_PSK: opt.tls_psk = optarg; break;
     case OPT_TLS_VERIFY_PEER: opt.tls_verify_peer = true; break;
     case OPT_TLS_STRICT_KEYS: opt.tls_strict_keys = true; break;
+    case 'u': opt.user = optarg; break;
+    case 'g': opt.group = optarg; break;
+    case OPT_ALLOW: acl_add(true, optarg); break;
+    case OPT_DENY: acl_add(false, optarg); break;
     case OPT_DUMP_PLUGIN: cmd->dump_plugin = true; break;
     case OPT_HANDSHAKE_TIMEOUT: opt.handshake_timeout = parse_handshake_timeout(optarg); break;
     case OPT_MAX_CONNECTIONS: opt.max_connections = parse_max_connections(optarg); break;
@@ -487,6 +505,7 @@ int main(int argc, char **argv)
 
   daemonize();
   server_pid = getpid();
+  drop_privileges();
 
   if (chain_get_ready() == -1)
     exit(EXIT_FAILURE);
@@ -500,6 +519,7 @@ int main(int argc, char **argv)
   unload_chain();
   if (opt.tls != TLS_OFF)
     tls_cleanup();
+  acl_free();
   remove_unix_socket();
   free(listen_fds);
   free(cmd.filters);

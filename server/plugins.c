@@ -9,6 +9,7 @@
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "internal.h"
@@ -90,6 +91,31 @@ static void copy_struct(void *dest, size_t our_size, const void *src, uint32_t s
   memcpy(dest, src, MIN((size_t) size, our_size));
 }
 
+/* Code anybody may replace must not run inside the server: refuse a
+ * plugin or filter that others may write to, or whose directory they may
+ * write to (and so swap the file).  Missing files are dlopen's to report. */
+static void check_not_world_writable(const char *kind, const char *filename)
+{
+  char *real = realpath(filename, NULL);
+  if (real == NULL)
+    return;
+  struct stat st;
+  if (stat(real, &st) == 0 && (st.st_mode & S_IWOTH))
+    die("refusing to load %s %s: anybody may write to it (chmod o-w)", kind, real);
+  char *dir = strdup(real);
+  if (dir == NULL)
+    die("out of memory");
+  char *slash = strrchr(dir, '/');
+  if (slash == dir)
+    dir[1] = '\0'; /* the root directory */
+  else if (slash)
+    *slash = '\0';
+  if (stat(dir, &st) == 0 && (st.st_mode & S_IWOTH))
+    die("refusing to load %s %s: anybody may write to its directory %s", kind, real, dir);
+  free(dir);
+  free(real);
+}
+
 static struct layer *load_layer(const char *name, bool is_plugin)
 {
   const char *kind = is_plugin ? "plugin" : "filter";
@@ -98,6 +124,7 @@ static struct layer *load_layer(const char *name, bool is_plugin)
     die("out of memory");
   l->is_plugin = is_plugin;
   l->filename = find_object(name, kind, is_plugin ? PLUGINDIR : FILTERDIR);
+  check_not_world_writable(kind, l->filename);
   l->dl = dlopen(l->filename, RTLD_NOW | RTLD_LOCAL);
   if (l->dl == NULL) {
     if (!is_path(name) && access(l->filename, F_OK) != 0)
