@@ -169,6 +169,17 @@ extern size_t nbdserve_extents_count(const struct nbdserve_extents *extents);
 extern void nbdserve_extents_get(const struct nbdserve_extents *extents, size_t i,
                                  uint64_t *offset, uint64_t *length, uint64_t *flags);
 
+/* An export list a filter fills by calling nbdserve_next_list_exports,
+ * then reads back (e.g. to pass on only some of the exports).  Out of
+ * memory stops the server, as everywhere in it: never NULL. */
+extern struct nbdserve_exports *nbdserve_exports_new(void);
+extern void nbdserve_exports_free(struct nbdserve_exports *exports);
+extern size_t nbdserve_exports_count(const struct nbdserve_exports *exports);
+extern const char *nbdserve_exports_name(const struct nbdserve_exports *exports, size_t i);
+/* NULL when the export has no description. */
+extern const char *nbdserve_exports_description(const struct nbdserve_exports *exports,
+                                                size_t i);
+
 #ifdef __cplusplus
 }
 #endif

@@ -44,7 +44,7 @@ struct nbdserve_exports {
   struct strings names, descriptions;
 };
 
-struct nbdserve_exports *exports_new(void)
+struct nbdserve_exports *nbdserve_exports_new(void)
 {
   struct nbdserve_exports *e = calloc(1, sizeof *e);
   if (e == NULL)
@@ -52,7 +52,7 @@ struct nbdserve_exports *exports_new(void)
   return e;
 }
 
-void exports_free(struct nbdserve_exports *e)
+void nbdserve_exports_free(struct nbdserve_exports *e)
 {
   if (e == NULL)
     return;
@@ -61,17 +61,17 @@ void exports_free(struct nbdserve_exports *e)
   free(e);
 }
 
-size_t exports_count(const struct nbdserve_exports *e)
+size_t nbdserve_exports_count(const struct nbdserve_exports *e)
 {
   return e->names.n;
 }
 
-const char *exports_name(const struct nbdserve_exports *e, size_t i)
+const char *nbdserve_exports_name(const struct nbdserve_exports *e, size_t i)
 {
   return e->names.items[i];
 }
 
-const char *exports_description(const struct nbdserve_exports *e, size_t i)
+const char *nbdserve_exports_description(const struct nbdserve_exports *e, size_t i)
 {
   return e->descriptions.items[i];
 }

@@ -170,8 +170,11 @@ static void close_export(struct conn *conn)
 
 /* Open NAME through the chain and learn its size and capabilities.
  * Returns 0, or -1 with a message in MSG. */
+/* Opens the export the client asked for.  On failure returns the errno
+ * and describes it in MSG. */
 static int open_export(struct conn *conn, const char *requested, char *msg, size_t msglen)
 {
+  int err = 0;
   close_export(conn);
   conn->export_name = resolve_export_name(requested);
   if (conn->export_name == NULL)
@@ -180,6 +183,7 @@ static int open_export(struct conn *conn, const char *requested, char *msg, size
 
   conn->top = chain_open(opt.readonly, conn->export_name);
   if (conn->top == NULL) {
+    err = errno;
     snprintf(msg, msglen, "cannot open export '%s': %s", conn->export_name, strerror(errno));
     goto fail;
   }
@@ -214,7 +218,7 @@ static int open_export(struct conn *conn, const char *requested, char *msg, size
 fail:
   nbdserve_error("connection %u: %s", conn->id, msg);
   close_export(conn);
-  return -1;
+  return err ? err : EIO;
 }
 
 /* ---- The options --------------------------------------------------------- */
@@ -237,7 +241,7 @@ static enum option_result opt_export_name(struct conn *conn)
   if (conn->meta_export == NULL || strcmp(conn->meta_export, name) != 0)
     meta_clear(conn);
   free(name);
-  if (r == -1)
+  if (r != 0)
     return OPTION_CLOSE; /* EXPORT_NAME has no error reply */
 
   bytebuf_put_u64(&conn->hs_out, (uint64_t) conn->size);
@@ -255,22 +259,22 @@ static enum option_result opt_list(struct conn *conn)
     reply_error_msg(conn, NBD_REP_ERR_INVALID, "NBD_OPT_LIST takes no data");
     return OPTION_CONTINUE;
   }
-  struct nbdserve_exports *exports = exports_new();
+  struct nbdserve_exports *exports = nbdserve_exports_new();
   if (nbdserve_next_list_exports(chain_global(), opt.readonly, current_tls(), exports) == -1) {
     reply_error_msg(conn, NBD_REP_ERR_PLATFORM, "cannot list exports: %s", strerror(errno));
-    exports_free(exports);
+    nbdserve_exports_free(exports);
     return OPTION_CONTINUE;
   }
-  for (size_t i = 0; i < exports_count(exports); i++) {
-    const char *name = exports_name(exports, i);
-    const char *desc = exports_description(exports, i);
+  for (size_t i = 0; i < nbdserve_exports_count(exports); i++) {
+    const char *name = nbdserve_exports_name(exports, i);
+    const char *desc = nbdserve_exports_description(exports, i);
     size_t nlen = strlen(name), dlen = desc ? strlen(desc) : 0;
     reply_header(conn, NBD_OPT_LIST, NBD_REP_SERVER, (uint32_t) (4 + nlen + dlen));
     bytebuf_put_u32(&conn->hs_out, (uint32_t) nlen);
     bytebuf_append(&conn->hs_out, name, nlen);
     bytebuf_append(&conn->hs_out, desc, dlen);
   }
-  exports_free(exports);
+  nbdserve_exports_free(exports);
   reply_ack(conn);
   return OPTION_CONTINUE;
 }
@@ -279,17 +283,17 @@ static enum option_result opt_list(struct conn *conn)
 static char *export_description(const char *export)
 {
   char *found = NULL;
-  struct nbdserve_exports *exports = exports_new();
+  struct nbdserve_exports *exports = nbdserve_exports_new();
   if (nbdserve_next_list_exports(chain_global(), opt.readonly, current_tls(), exports) == 0) {
-    for (size_t i = 0; i < exports_count(exports); i++) {
-      const char *desc = exports_description(exports, i);
-      if (desc && strcmp(exports_name(exports, i), export) == 0) {
+    for (size_t i = 0; i < nbdserve_exports_count(exports); i++) {
+      const char *desc = nbdserve_exports_description(exports, i);
+      if (desc && strcmp(nbdserve_exports_name(exports, i), export) == 0) {
         found = strdup(desc);
         break;
       }
     }
   }
-  exports_free(exports);
+  nbdserve_exports_free(exports);
   return found;
 }
 
@@ -323,8 +327,11 @@ static enum option_result opt_info_go(struct conn *conn)
   }
 
   char msg[256];
-  if (open_export(conn, name, msg, sizeof msg) == -1) {
-    reply_error_msg(conn, NBD_REP_ERR_UNKNOWN, "%s", msg);
+  int err = open_export(conn, name, msg, sizeof msg);
+  if (err) {
+    /* A plugin or filter saying "not you" is a policy refusal. */
+    reply_error_msg(conn, err == EPERM || err == EACCES ? NBD_REP_ERR_POLICY
+                                                         : NBD_REP_ERR_UNKNOWN, "%s", msg);
     free(name);
     return OPTION_CONTINUE;
   }

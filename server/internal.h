@@ -164,11 +164,6 @@ extern void chain_close(struct nbdserve_next *top);
  * FUA by flush, zero by pwrite of zeroes, cache by pread. */
 
 /* Builders (public names from include/, plus these for the core). */
-extern struct nbdserve_exports *exports_new(void);
-extern void exports_free(struct nbdserve_exports *);
-extern size_t exports_count(const struct nbdserve_exports *);
-extern const char *exports_name(const struct nbdserve_exports *, size_t i);
-extern const char *exports_description(const struct nbdserve_exports *, size_t i);
 
 extern struct nbdserve_contexts *contexts_new(void);
 extern void contexts_free(struct nbdserve_contexts *);

@@ -14,7 +14,7 @@ for tool in ("certtool", "psktool", "qemu-img", "nbdcopy", "nbdinfo"):
         print("1..0 # SKIP %s is not installed" % tool)
         sys.exit(0)
 
-t = nbdtest.Test(plan=37, watchdog=300)
+t = nbdtest.Test(plan=41, watchdog=300)
 tmp = t.tmp
 
 
@@ -333,6 +333,39 @@ uri = t.server("off", "memory", "1M")
 raw = Raw(uri)
 raw.option(NBD_OPT_STARTTLS)
 t.is_(raw.replies()[-1][0], ERR_POLICY, "without --tls: STARTTLS gets ERR_POLICY")
+t.stop()
+
+
+# ---- The identity filter: exports per TLS identity ------------------------
+exports_dir = os.path.join(tmp, "exports")
+os.mkdir(exports_dir)
+for name in ("alice-disk", "bob-disk", "shared"):
+    with open(os.path.join(exports_dir, name), "wb") as f:
+        f.truncate(1 << 20)
+uri = t.server("ident", "--tls=require", "--tls-psk=" + psk_file, "--filter=identity",
+               "file", "dir=" + exports_dir, "allow=alice-*:alice", "allow=bob-*:bob",
+               "allow=shared:*")
+
+
+def export_uri(user, export):
+    return "nbds+unix://%s@/%s?socket=%s&tls-psk-file=%s" % (user, export, sock_of(uri), psk_file)
+
+
+own, other = nbdinfo(export_uri("alice", "alice-disk")), nbdinfo(export_uri("alice", "bob-disk"))
+t.ok(own.returncode == 0 and other.returncode != 0 and
+     "alice may not open export 'bob-disk'" in t.log("ident"),
+     "identity filter: alice opens alice-disk, not bob-disk")
+listed = nbdinfo(export_uri("alice", ""), "--list", "--json")
+names = sorted(e["export-name"] for e in __import__("json").loads(listed.stdout or b"{}").get("exports", []))
+t.is_(names, ["alice-disk", "shared"], "identity filter: alice's export list holds only hers and shared")
+t.ok(nbdinfo(export_uri("bob", "shared")).returncode == 0 and
+     nbdinfo(export_uri("bob", "alice-disk")).returncode != 0,
+     "identity filter: bob opens shared, not alice-disk")
+t.stop()
+
+uri = t.server("ident-x509", "--tls=require", "--tls-certificates=" + server_pki, "--tls-verify-peer",
+               "--filter=identity", "memory", "1M", "allow=*:*CN=good client")
+t.ok(nbdinfo(x509_uri(uri)).returncode == 0, "identity filter: a certificate DN pattern lets its client in")
 t.stop()
 
 
