@@ -140,7 +140,7 @@ nbdserve() { timeout -k 5 "$CLIENT_TIMEOUT" "$NBDSERVE" "$@"; }
 # or 10 seconds passed.
 wait_for_socket() {
     local i
-    for i in $(seq 200); do
+    for i in $(seq "${3:-200}"); do  # tries of 50 ms
         [ -S "$1" ] && return 0
         kill -0 "$2" 2> /dev/null || return 1
         sleep 0.05
