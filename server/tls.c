@@ -67,6 +67,10 @@ struct tls_session {
   bool unfinished_staged;
   char identity[MAX_IDENTITY];
   unsigned char stage[TLS_RECORD_SIZE]; /* small replies gathered into one record */
+  /* Read-ahead: mbedtls asks for a record's header, then its body; one
+   * read(2) of many records saves most of those system calls. */
+  unsigned char inbuf[4 * TLS_RECORD_SIZE];
+  size_t in_start, in_end;
 };
 
 static const char *tls_strerror(int err)
@@ -311,12 +315,20 @@ static int bio_send(void *ctx, const unsigned char *buf, size_t len)
 static int bio_recv(void *ctx, unsigned char *buf, size_t len)
 {
   struct tls_session *s = ctx;
-  ssize_t r = read(s->rfd, buf, len);
-  if (r >= 0)
-    return (int) r; /* 0: the peer closed; mbedtls reports it */
-  if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
-    return MBEDTLS_ERR_SSL_WANT_READ;
-  return MBEDTLS_ERR_NET_RECV_FAILED;
+  if (s->in_start == s->in_end) {
+    ssize_t r = read(s->rfd, s->inbuf, sizeof s->inbuf);
+    if (r == 0)
+      return 0; /* the peer closed; mbedtls reports it */
+    if (r < 0)
+      return errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR
+               ? MBEDTLS_ERR_SSL_WANT_READ : MBEDTLS_ERR_NET_RECV_FAILED;
+    s->in_start = 0;
+    s->in_end = (size_t) r;
+  }
+  size_t n = MIN(len, s->in_end - s->in_start);
+  memcpy(buf, s->inbuf + s->in_start, n);
+  s->in_start += n;
+  return (int) n;
 }
 
 /* ---- Sessions ---------------------------------------------------------- */
@@ -398,12 +410,28 @@ enum tls_step tls_handshake(struct tls_session *s)
   return TLS_FAILED;
 }
 
-ssize_t tls_recv(struct tls_session *s, void *buf, size_t len)
+/* One record's worth at most. */
+static int read_record(struct tls_session *s, void *buf, size_t len)
 {
   int r = mbedtls_ssl_read(&s->ssl, buf, len);
   s->want_write = r == MBEDTLS_ERR_SSL_WANT_WRITE;
-  if (r > 0)
-    return r;
+  return r;
+}
+
+ssize_t tls_recv(struct tls_session *s, void *buf, size_t len)
+{
+  int r = read_record(s, buf, len);
+  if (r > 0) {
+    /* Go on while whole records are at hand: fewer trips round the loop. */
+    size_t got = (size_t) r;
+    while (got < len && s->in_start < s->in_end) {
+      r = read_record(s, (char *) buf + got, len - got);
+      if (r <= 0)
+        break; /* anything unusual is reported by the next call */
+      got += (size_t) r;
+    }
+    return (ssize_t) got;
+  }
   if (r == 0 || r == MBEDTLS_ERR_SSL_PEER_CLOSE_NOTIFY || r == MBEDTLS_ERR_SSL_CONN_EOF) {
     s->closed = true;
     return 0;
@@ -464,7 +492,7 @@ ssize_t tls_writev(struct tls_session *s, const struct iovec *iov, int niov)
 
 size_t tls_pending(struct tls_session *s)
 {
-  return mbedtls_ssl_get_bytes_avail(&s->ssl);
+  return mbedtls_ssl_get_bytes_avail(&s->ssl) + (s->in_end - s->in_start);
 }
 
 bool tls_wants_write(const struct tls_session *s)
