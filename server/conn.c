@@ -26,6 +26,11 @@ struct conn *conn_new(int rfd, int wfd)
   struct conn *conn = calloc(1, sizeof *conn);
   if (conn == NULL)
     return NULL;
+  conn->inbuf = malloc(INBUF_SIZE);
+  if (conn->inbuf == NULL) {
+    free(conn);
+    return NULL;
+  }
   conn->id = ++next_conn_id;
   conn->rfd = rfd;
   conn->wfd = wfd;
@@ -72,6 +77,7 @@ void conn_free(struct conn *conn)
   free(conn->export_name);
   free(conn->opt_data);
   free(conn->hs_out.data);
+  free(conn->inbuf);
   if (conn->tls) {
     if (!conn->write_failed)
       tls_close_notify(conn->tls);

@@ -91,7 +91,9 @@ struct conn {
   bool hard_close; /* drop without waiting (write error) */
 
   /* Input (loop thread only). */
-  char inbuf[INBUF_SIZE];
+  /* Separate and not zeroed, so that the pages an idle connection never
+   * reads into cost no memory (1,000 idle clients: a few MB, not 64). */
+  char *inbuf; /* INBUF_SIZE bytes */
   size_t in_start, in_end;
   struct request *partial; /* write whose payload is still arriving */
   size_t partial_got;
