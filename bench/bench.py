@@ -1,0 +1,545 @@
+#!/usr/bin/python3
+"""nbdserve benchmark: the same workloads against nbdserve, nbdkit and
+qemu-nbd, in alternation (A B C A B C ...), one warm-up round and then
+ROUNDS measured rounds.  Reports median and spread per server and the
+ratio nbdserve / best peer, computed per round, then its median.
+
+    make bench                 full run (about 25 minutes), writes docs/performance.md
+    BENCH_QUICK=1 make bench   2 rounds, small sizes, under 2 minutes
+    BENCH_SMOKE=1 bench/bench.py  nbdserve only, tiny sizes, a few seconds (used by make check)
+
+Environment: ROUNDS (default 5), BENCH_OUT (output directory; default
+docs/, or a temporary directory under BENCH_SMOKE), BENCH_ONLY (comma
+separated workload names to run).
+"""
+# SPDX-License-Identifier: BSD-3-Clause
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+
+TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NBDSERVE = os.path.join(TOP, "nbdserve")
+ENV = os.environ
+SMOKE = ENV.get("BENCH_SMOKE") == "1"
+QUICK = ENV.get("BENCH_QUICK") == "1"
+
+if SMOKE:
+    ROUNDS, WARMUP, SIZE, FIO_SECONDS, IDLE_CONNS = 1, 0, 16 << 20, 1, 50
+elif QUICK:
+    ROUNDS, WARMUP, SIZE, FIO_SECONDS, IDLE_CONNS = 2, 1, 256 << 20, 2, 1000
+else:
+    ROUNDS, WARMUP, SIZE, FIO_SECONDS, IDLE_CONNS = 5, 1, 1 << 30, 10, 1000
+ROUNDS = int(ENV.get("ROUNDS", ROUNDS))
+
+SERVERS = ["nbdserve", "nbdkit", "qemu-nbd"]
+if SMOKE:
+    SERVERS = ["nbdserve"]
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ---- Servers -----------------------------------------------------------------
+
+class Server:
+    """One server process serving BACKEND (memory or file) over a Unix
+    socket or TCP, optionally with TLS-PSK."""
+
+    def __init__(self, work, kind, backend, tcp=False, tls=False):
+        self.kind, self.backend, self.tcp, self.tls = kind, backend, tcp, tls
+        self.work = work
+        self.sock = os.path.join(work, "%s.sock" % kind)
+        self.port = free_port() if tcp else None
+        self.disk = os.path.join(work, "disk.img")
+        self.proc = None
+
+    def command(self):
+        size = str(SIZE)
+        if self.kind == "nbdserve":
+            cmd = [NBDSERVE, "-f"]
+            cmd += ["-i", "127.0.0.1", "-p", str(self.port)] if self.tcp else ["-U", self.sock]
+            if self.tls:
+                cmd += ["--tls=require", "--tls-psk=" + psk_file(self.work)]
+            cmd += ["memory", "size=" + size] if self.backend == "memory" else ["file", "file=" + self.disk]
+        elif self.kind == "nbdkit":
+            cmd = ["nbdkit", "-f"]
+            cmd += ["-i", "127.0.0.1", "-p", str(self.port)] if self.tcp else ["-U", self.sock]
+            if self.tls:
+                cmd += ["--tls=require", "--tls-psk=" + psk_file(self.work)]
+            cmd += ["memory", size] if self.backend == "memory" else ["file", self.disk]
+        else:
+            # qemu-nbd has no RAM disk: "memory" rows serve a file in /dev/shm.
+            cmd = ["qemu-nbd", "-f", "raw", "-t", "-e", "2000", "--cache=writeback"]
+            cmd += ["-b", "127.0.0.1", "-p", str(self.port)] if self.tcp else ["-k", self.sock]
+            if self.tls:
+                cmd += ["--object", "tls-creds-psk,id=tls0,endpoint=server,dir=" + self.work,
+                        "--tls-creds", "tls0"]
+            cmd += [self.disk]
+        return cmd
+
+    def uri(self):
+        scheme = "nbds" if self.tls else "nbd"
+        user = "bench@" if self.tls else ""
+        query = "tls-psk-file=" + psk_file(self.work) if self.tls else ""
+        if self.tcp:
+            return "%s://%s127.0.0.1:%d/%s" % (scheme, user, self.port, "?" + query if query else "")
+        return "%s+unix://%s/?socket=%s%s" % (scheme, user, self.sock, "&" + query if query else "")
+
+    def start(self):
+        if self.kind == "qemu-nbd" or self.backend == "file":
+            make_disk(self.disk)
+        self.log = open(os.path.join(self.work, self.kind + ".log"), "w")
+        self.proc = subprocess.Popen(self.command(), stdout=self.log, stderr=self.log)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("%s exited: %s" % (self.kind, open(self.log.name).read()))
+            if self.ready():
+                return self
+            time.sleep(0.02)
+        raise RuntimeError("%s did not start" % self.kind)
+
+    def ready(self):
+        try:
+            if self.tcp:
+                s = socket.create_connection(("127.0.0.1", self.port), timeout=1)
+            else:
+                if not os.path.exists(self.sock):
+                    return False
+                s = socket.socket(socket.AF_UNIX)
+                s.settimeout(1)
+                s.connect(self.sock)
+            ok = s.recv(8) == b"NBDMAGIC"
+            s.close()
+            return ok
+        except OSError:
+            return False
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        for path in (self.sock, self.disk):
+            if os.path.exists(path):
+                os.unlink(path)
+
+    def rss_kib(self):
+        with open("/proc/%d/status" % self.proc.pid) as f:
+            return int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1))
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def make_disk(path):
+    with open(path, "wb") as f:
+        f.truncate(SIZE)
+
+
+def psk_file(work):
+    return os.path.join(work, "keys.psk")
+
+
+# ---- Measurements ------------------------------------------------------------
+
+def run(cmd, timeout=600):
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if r.returncode != 0:
+        raise RuntimeError("%s failed: %s" % (" ".join(cmd), r.stderr.strip()[-400:]))
+    return r.stdout
+
+
+def timed(cmd):
+    start = time.monotonic()
+    run(cmd)
+    return time.monotonic() - start
+
+
+def fill(server, work):
+    """Write the data file through the server, so reads meet real data."""
+    run(["nbdcopy", "--flush", os.path.join(work, "data.bin"), server.uri()])
+
+
+def fio(server, rw, depth, jobs=1):
+    cmd = ["fio", "--name=bench", "--ioengine=nbd", "--uri=" + server.uri(), "--rw=" + rw,
+           "--bs=4k", "--iodepth=%d" % depth, "--numjobs=%d" % jobs, "--group_reporting",
+           "--time_based", "--runtime=%d" % FIO_SECONDS, "--size=%d" % SIZE,
+           "--output-format=json"]
+    out = run(cmd)
+    job = json.loads(out[out.index("{"):])["jobs"][0]  # after fio's "connected" line
+    return job["read"] if rw.endswith("read") else job["write"]
+
+
+def seq_read(server, work, connections=1):
+    fill(server, work)
+    t = timed(["nbdcopy", "--connections=%d" % connections, server.uri(), "null:"])
+    return SIZE / t / 1e6
+
+
+def seq_write(server, work):
+    t = timed(["nbdcopy", "--flush", os.path.join(work, "data.bin"), server.uri()])
+    return SIZE / t / 1e6
+
+
+def rand_iops(server, work, rw):
+    if rw == "randread":
+        fill(server, work)
+    return fio(server, rw, 32)["iops"]
+
+
+def qd1_latency(server, work, percentile):
+    fill(server, work)
+    clat = fio(server, "randread", 1)["clat_ns"]["percentile"]
+    return clat[percentile] / 1000.0
+
+
+def idle_connections(server, work):
+    """Open IDLE_CONNS connections that complete the handshake (NBD_OPT_GO)
+    and stay idle; returns (seconds to get them all in, KiB of server RSS
+    per connection)."""
+    before = server.rss_kib()
+    socks = []
+    start = time.monotonic()
+    for _ in range(IDLE_CONNS):
+        if server.tcp:
+            s = socket.create_connection(("127.0.0.1", server.port))
+        else:
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(server.sock)
+        s.settimeout(30)
+        socks.append(s)
+    for s in socks:
+        greeting = recv_exactly(s, 18)
+        assert greeting[:8] == b"NBDMAGIC"
+        s.sendall(struct.pack(">I", 1))  # fixed newstyle
+        s.sendall(b"IHAVEOPT" + struct.pack(">II", 7, 6) + struct.pack(">IH", 0, 0))
+    for s in socks:
+        while True:
+            _magic, _opt, rtype, length = struct.unpack(">QIII", recv_exactly(s, 20))
+            recv_exactly(s, length)
+            if rtype == 1:
+                break
+            if rtype & 0x80000000:
+                raise RuntimeError("%s refused an idle connection" % server.kind)
+    took = time.monotonic() - start
+    time.sleep(0.2)
+    per_conn = (server.rss_kib() - before) / IDLE_CONNS
+    for s in socks:
+        s.close()
+    return took, per_conn
+
+
+def recv_exactly(s, n):
+    buf = b""
+    while len(buf) < n:
+        chunk = s.recv(n - len(buf))
+        if not chunk:
+            raise RuntimeError("server closed the connection")
+        buf += chunk
+    return buf
+
+
+# ---- Workloads -----------------------------------------------------------------
+# name: (label, unit, higher_is_better, server options, measure(server, work))
+# idle-1000 yields two numbers; it is split into two rows afterwards.
+
+WORKLOADS = [
+    ("seq-read", "sequential read, 1 connection (memory)", "MB/s", True,
+     dict(backend="memory"), lambda s, w: seq_read(s, w, 1)),
+    ("seq-write", "sequential write (memory)", "MB/s", True,
+     dict(backend="memory"), seq_write),
+    ("randread", "4K random read, QD32 (memory)", "IOPS", True,
+     dict(backend="memory"), lambda s, w: rand_iops(s, w, "randread")),
+    ("randwrite", "4K random write, QD32 (memory)", "IOPS", True,
+     dict(backend="memory"), lambda s, w: rand_iops(s, w, "randwrite")),
+    ("qd1-p50", "4K read latency QD1, p50 (memory)", "µs", False,
+     dict(backend="memory"), lambda s, w: qd1_latency(s, w, "50.000000")),
+    ("qd1-p99", "4K read latency QD1, p99 (memory)", "µs", False,
+     dict(backend="memory"), lambda s, w: qd1_latency(s, w, "99.000000")),
+    ("multi-conn", "sequential read, 4 connections (memory)", "MB/s", True,
+     dict(backend="memory"), lambda s, w: seq_read(s, w, 4)),
+    ("tcp-read", "sequential read over TCP loopback (memory)", "MB/s", True,
+     dict(backend="memory", tcp=True), lambda s, w: seq_read(s, w, 1)),
+    ("file-read", "sequential read (file in /dev/shm)", "MB/s", True,
+     dict(backend="file"), lambda s, w: seq_read(s, w, 1)),
+    ("file-randread", "4K random read, QD32 (file in /dev/shm)", "IOPS", True,
+     dict(backend="file"), lambda s, w: rand_iops(s, w, "randread")),
+    ("file-randwrite", "4K random write, QD32 (file in /dev/shm)", "IOPS", True,
+     dict(backend="file"), lambda s, w: rand_iops(s, w, "randwrite")),
+    ("tls-read", "sequential read, TLS-PSK (memory)", "MB/s", True,
+     dict(backend="memory", tls=True), lambda s, w: seq_read(s, w, 1)),
+    ("idle-accept", "%d idle connections: time to accept them all", "s", False,
+     dict(backend="memory"), None),
+    ("idle-rss", "%d idle connections: server memory per connection", "KiB", False,
+     dict(backend="memory"), None),
+]
+
+
+def run_workload(work, wl, results):
+    name, label, unit, higher, opts, measure = wl
+    if name == "idle-rss":
+        return  # measured together with idle-accept
+    rounds = WARMUP + ROUNDS
+    for rnd in range(rounds):
+        for kind in SERVERS:
+            server = Server(work, kind, **opts).start()
+            try:
+                if name == "idle-accept":
+                    took, per_conn = idle_connections(server, work)
+                    values = {"idle-accept": took, "idle-rss": per_conn}
+                else:
+                    values = {name: measure(server, work)}
+            except Exception as e:
+                log("  %s %s round %d: %s" % (name, kind, rnd, e))
+                values = {}
+            finally:
+                server.stop()
+            if rnd < WARMUP:
+                continue
+            for key, v in values.items():
+                results.setdefault(key, {}).setdefault(kind, []).append(v)
+        log("  %s: round %d/%d done" % (name, rnd + 1, rounds))
+
+
+# ---- Report ----------------------------------------------------------------------
+
+def fmt(v):
+    if v >= 1000:
+        return "%.0f" % v
+    if v >= 10:
+        return "%.1f" % v
+    return "%.3g" % v
+
+
+def summarize(results):
+    rows = []
+    for name, label, unit, higher, _opts, _m in WORKLOADS:
+        per_server = results.get(name, {})
+        if "idle" in name:
+            label = label % IDLE_CONNS
+        cells = {}
+        for kind in ["nbdserve", "nbdkit", "qemu-nbd"]:
+            vals = per_server.get(kind, [])
+            if vals:
+                cells[kind] = "%s (%s–%s)" % (fmt(statistics.median(vals)), fmt(min(vals)), fmt(max(vals)))
+            else:
+                cells[kind] = "n/a"
+        ratios = []
+        ours = per_server.get("nbdserve", [])
+        for i, v in enumerate(ours):
+            peers = [per_server[k][i] for k in ("nbdkit", "qemu-nbd")
+                     if k in per_server and len(per_server[k]) > i]
+            if peers and v > 0:
+                best = max(peers) if higher else min(peers)
+                if best > 0:
+                    ratios.append(v / best)
+        ratio = statistics.median(ratios) if ratios else None
+        goal = None
+        if ratio is not None:
+            goal = ratio >= 1.0 if higher else ratio <= 1.0
+        rows.append(dict(name=name, label=label, unit=unit, higher=higher, cells=cells,
+                         ratio=ratio, goal=goal))
+    return rows
+
+
+def versions():
+    def first_line(cmd):
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True).stdout.splitlines()[0]
+        except (OSError, IndexError):
+            return "not installed"
+    cpu = "unknown CPU"
+    with open("/proc/cpuinfo") as f:
+        m = re.search(r"model name\s*:\s*(.*)", f.read())
+        if m:
+            cpu = m.group(1)
+    return {
+        "machine": "%d CPUs, %s, Linux %s, %.0f GiB RAM" % (
+            os.cpu_count(), cpu, platform.release(),
+            os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30),
+        "nbdserve": first_line([NBDSERVE, "--version"]),
+        "nbdkit": first_line(["nbdkit", "--version"]),
+        "qemu-nbd": first_line(["qemu-nbd", "--version"]),
+        "clients": "%s; %s" % (first_line(["nbdcopy", "--version"]), first_line(["fio", "--version"])),
+    }
+
+
+def table(rows):
+    out = ["| workload | unit | nbdserve | nbdkit | qemu-nbd | nbdserve / best peer |",
+           "|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["ratio"] is None:
+            ratio = "n/a"
+        else:
+            better = "higher is better" if r["higher"] else "lower is better"
+            ratio = "%.2f× %s (%s)" % (r["ratio"], "✓" if r["goal"] else "✗", better)
+        out.append("| %s | %s | %s | %s | %s | %s |" % (
+            r["label"], r["unit"], r["cells"]["nbdserve"], r["cells"]["nbdkit"],
+            r["cells"]["qemu-nbd"], ratio))
+    return "\n".join(out)
+
+
+def chart(rows, out_dir):
+    """Bar chart of the speed-up over the best peer (higher is better for
+    every bar: lower-is-better rows are inverted)."""
+    if shutil.which("gnuplot") is None:
+        log("gnuplot is not installed: no chart")
+        return False
+    data = os.path.join(out_dir, ".performance.dat")
+    with open(data, "w") as f:
+        for r in rows:
+            if r["ratio"]:
+                speedup = r["ratio"] if r["higher"] else 1 / r["ratio"]
+                f.write('"%s" %.3f\n' % (r["name"], speedup))
+    script = """
+set terminal pngcairo size 1100,500 noenhanced
+set output '%s'
+set title 'nbdserve against the best of nbdkit and qemu-nbd (above 1: nbdserve is better)'
+set style fill solid 0.8
+set boxwidth 0.7
+set yrange [0:*]
+set xtics rotate by -35
+set grid ytics
+set arrow from graph 0, first 1 to graph 1, first 1 nohead dt 2 lw 2
+plot '%s' using 2:xtic(1) with boxes notitle lc rgb '#3465a4'
+""" % (os.path.join(out_dir, "performance.png"), data)
+    r = subprocess.run(["gnuplot"], input=script, capture_output=True, text=True)
+    os.unlink(data)
+    if r.returncode != 0:
+        log("gnuplot failed: " + r.stderr)
+    return r.returncode == 0
+
+
+def write_report(rows, out_dir, info, started):
+    mode = "BENCH_SMOKE" if SMOKE else "BENCH_QUICK" if QUICK else "full"
+    have_chart = chart(rows, out_dir) if not SMOKE else False
+    text = """# Performance
+
+Measured by `make bench` (bench/bench.py) on %(date)s, %(mode)s run:
+%(rounds)d rounds after %(warmup)d warm-up round, servers run in alternation
+(nbdserve, nbdkit, qemu-nbd, nbdserve, ...), each started afresh for each
+measurement. Cells are the median (min–max) over the rounds; the last column
+is the median over rounds of nbdserve's figure divided by the best peer's in
+the same round. For throughput and IOPS higher is better; for latency, time
+and memory lower is better. Disks are %(size)s; fio runs %(fio)d s per measurement.
+
+- Machine: %(machine)s
+- nbdserve: %(nbdserve)s
+- nbdkit: %(nbdkit)s
+- qemu-nbd: %(qemu)s
+- Clients: %(clients)s
+
+%(table)s
+
+%(chart)s
+How each row is measured:
+
+- Sequential rows: `nbdcopy --connections=N URI null:` after filling the disk
+  with random data (nbdcopy skips holes, so an empty disk would measure
+  nothing); MB/s = disk size / wall time. Writes: `nbdcopy --flush` of a
+  random file in /dev/shm into a fresh server.
+- Random and latency rows: fio's nbd engine, 4 KiB blocks, over the whole disk.
+- The memory rows use each server's RAM disk (nbdserve `memory`, nbdkit
+  `memory`); qemu-nbd has none and serves a raw file in /dev/shm instead.
+- TLS: pre-shared keys; each server negotiates its preferred cipher suite
+  with nbdcopy (GnuTLS).
+- Idle connections: %(idle)d clients connect over a Unix socket and finish
+  the handshake (NBD_OPT_GO), then stay idle; time from the first connect to
+  the last handshake, and the growth of the server's RSS divided by the
+  number of clients.
+""" % dict(date=time.strftime("%Y-%m-%d", time.localtime(started)), mode=mode, rounds=ROUNDS,
+           warmup=WARMUP, size="%d MiB" % (SIZE >> 20), fio=FIO_SECONDS,
+           machine=info["machine"], nbdserve=info["nbdserve"], nbdkit=info["nbdkit"],
+           qemu=info["qemu-nbd"], clients=info["clients"], table=table(rows),
+           chart="![speed-up over the best peer](performance.png)\n" if have_chart else "",
+           idle=IDLE_CONNS)
+    path = os.path.join(out_dir, "performance.md")
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+# ---- Main ----------------------------------------------------------------------
+
+def install_missing():
+    needed = {"nbdkit": "nbdkit", "qemu-nbd": "qemu-utils", "fio": "fio", "nbdcopy": "libnbd-bin",
+              "psktool": "gnutls-bin"}
+    if not SMOKE:
+        needed["gnuplot"] = "gnuplot-nox"
+    missing = sorted({pkg for tool, pkg in needed.items() if shutil.which(tool) is None})
+    if missing and os.geteuid() == 0:
+        log("installing " + " ".join(missing))
+        subprocess.run(["apt-get", "install", "-y", "-q"] + missing,
+                       env=dict(ENV, DEBIAN_FRONTEND="noninteractive"),
+                       stdout=subprocess.DEVNULL)
+    for tool in ("nbdcopy", "fio", "psktool"):
+        if shutil.which(tool) is None:
+            sys.exit("bench: %s is needed (install %s)" % (tool, needed[tool]))
+    for kind in list(SERVERS[1:]):
+        if shutil.which(kind) is None:
+            log("%s is not installed: its column stays empty" % kind)
+            SERVERS.remove(kind)
+
+
+def main():
+    install_missing()
+    if not os.access(NBDSERVE, os.X_OK):
+        sys.exit("bench: build nbdserve first (make)")
+    out_dir = ENV.get("BENCH_OUT") or (tempfile.mkdtemp(prefix="nbdserve-bench-out.")
+                                       if SMOKE else os.path.join(TOP, "docs"))
+    os.makedirs(out_dir, exist_ok=True)
+    only = set(filter(None, ENV.get("BENCH_ONLY", "").split(",")))
+    if "idle-rss" in only:
+        only.add("idle-accept")
+
+    parent = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+    work = tempfile.mkdtemp(prefix="nbdserve-bench.", dir=parent)
+    started = time.time()
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 8192)), hard))
+        with open(os.path.join(work, "data.bin"), "wb") as f:
+            f.write(os.urandom(SIZE))
+        subprocess.run(["psktool", "-u", "bench", "-p", psk_file(work)],
+                       capture_output=True, check=True)
+        os.chmod(psk_file(work), 0o600)
+        results = {}
+        for wl in WORKLOADS:
+            if only and wl[0] not in only:
+                continue
+            log("%s (%s)" % (wl[0], ", ".join(SERVERS)))
+            run_workload(work, wl, results)
+        rows = summarize(results)
+        if only:
+            rows = [r for r in rows if r["name"] in only]
+        path = write_report(rows, out_dir, versions(), started)
+        print(table(rows))
+        log("\nreport: %s (%.0f s)" % (path, time.time() - started))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
