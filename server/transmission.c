@@ -173,13 +173,25 @@ static uint32_t backend_flags(const struct request *req)
   return f;
 }
 
+/* A client that selected base:allocation asks where the holes are and
+ * skips them itself (nbdcopy, qemu-img): looking again for every read
+ * would only cost, and on some file systems (tmpfs) finding the end of
+ * data takes time in proportion to the file's size. */
+static bool client_tracks_allocation(const struct conn *conn)
+{
+  for (size_t i = 0; i < conn->ncontexts; i++)
+    if (strcmp(conn->contexts[i].name, NBDSERVE_CONTEXT_BASE_ALLOCATION) == 0)
+      return true;
+  return false;
+}
+
 /* Split a read into data and hole segments from the backend's extents.
  * Returns the number of segments, 0 meaning "read it all as data". */
 static size_t plan_sparse_read(struct request *req, struct read_segment *segs)
 {
   struct conn *conn = req->conn;
   if (!conn->structured || (req->flags & NBD_CMD_FLAG_DF) || req->count < SPARSE_READ_MIN ||
-      nbdserve_next_can_extents(conn->top) != 1)
+      client_tracks_allocation(conn) || nbdserve_next_can_extents(conn->top) != 1)
     return 0;
 
   struct nbdserve_extents *e = nbdserve_extents_new(req->offset, req->count, 0);

@@ -59,9 +59,9 @@ not_ok() {
     test_count=$((test_count + 1))
     echo "not ok $test_count - $*$suffix"
 }
-diag() { echo "# $*"; }
+diag() { echo "# $*" >&2; }
 # Show a file (a log, a client's output) as TAP comments.
-diag_file() { [ -f "$1" ] && sed 's/^/#   /' "$1" | head -"${2:-30}"; return 0; }
+diag_file() { [ -f "$1" ] && sed 's/^/#   /' "$1" | head -"${2:-30}" >&2; return 0; }
 skip() { test_count=$((test_count + 1)); echo "ok $test_count # SKIP $*"; }
 skip_all() { echo "1..0 # SKIP $*"; exit 0; }
 
