@@ -5,7 +5,7 @@ ROUNDS measured rounds.  Reports median and spread per server and the
 ratio nbdserve / best peer, computed per round, then its median.
 
     make bench                 full run (about 25 minutes), writes docs/performance.md
-    BENCH_QUICK=1 make bench   2 rounds, small sizes, under 2 minutes
+    BENCH_QUICK=1 make bench   2 rounds, no warm-up, small sizes, under 2 minutes
     BENCH_SMOKE=1 bench/bench.py  nbdserve only, tiny sizes, a few seconds (used by make check)
 
 Environment: ROUNDS (default 5), BENCH_OUT (output directory; default
@@ -36,7 +36,7 @@ QUICK = ENV.get("BENCH_QUICK") == "1"
 if SMOKE:
     ROUNDS, WARMUP, SIZE, FIO_SECONDS, IDLE_CONNS = 1, 0, 16 << 20, 1, 50
 elif QUICK:
-    ROUNDS, WARMUP, SIZE, FIO_SECONDS, IDLE_CONNS = 2, 1, 256 << 20, 2, 1000
+    ROUNDS, WARMUP, SIZE, FIO_SECONDS, IDLE_CONNS = 2, 0, 64 << 20, 1, 500
 else:
     ROUNDS, WARMUP, SIZE, FIO_SECONDS, IDLE_CONNS = 5, 1, 1 << 30, 10, 1000
 ROUNDS = int(ENV.get("ROUNDS", ROUNDS))
