@@ -45,7 +45,7 @@ if "$PYTHON" -c 'import socket; s=socket.socket(socket.AF_INET6); s.bind(("::1",
     port=$(free_port)
     "$NBDSERVE" -f -p "$port" --allow=127.0.0.1/32 --allow=::1 memory 2M 2> "$tmp/dual.log" &
     server_pid=$!; server_pids+=("$server_pid")
-    for _ in $(seq 100); do ss -ltn | grep -q ":$port " && break; sleep 0.05; done
+    for _ in $(seq 100); do (exec 3<> "/dev/tcp/127.0.0.1/$port") 2> /dev/null && break; sleep 0.05; done
     check "dual stack: 127.0.0.1 matches --allow=127.0.0.1/32" tcp_works 2097152
     is "dual stack: ::1 matches --allow=::1" "$(nbdinfo --size "nbd://[::1]:$port/" 2>&1)" 2097152
     stop_server

@@ -1,0 +1,46 @@
+# nbdserve fuzzing harnesses (libFuzzer, clang).  Included by GNUmakefile.
+#   make fuzz                 every target for FUZZ_SECONDS (default 60)
+#   make fuzz-build           just build them (tests/fuzz.t replays the corpora)
+# Working corpora grow in fuzz/corpus/TARGET (seeded from the checked-in
+# tests/fuzz/TARGET); crashes land in fuzz/crashes/.  The server's own
+# messages (refusals of bad input) are silenced with -close_fd_mask=2.
+# SPDX-License-Identifier: BSD-3-Clause
+
+FUZZ_CC      ?= clang
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := handshake transmission parsers
+FUZZ_SAN     := -fsanitize=address,undefined -fno-sanitize-recover=undefined
+FUZZ_CFLAGS  := -std=gnu11 -g -O1 -fno-omit-frame-pointer $(FUZZ_SAN) -fsanitize=fuzzer-no-link \
+                -Wall -Wextra -Werror -Wno-unused-command-line-argument -D_GNU_SOURCE -pthread \
+                -Iinclude -Iserver -Ifuzz -DPACKAGE_VERSION='"$(VERSION)"' \
+                -DPLUGINDIR='"$(PLUGINDIR)"' -DFILTERDIR='"$(FILTERDIR)"'
+FUZZ_OBJS    := $(patsubst server/%.c,fuzz/build/%.o,$(filter-out server/main.c,$(SERVER_SRCS))) \
+                fuzz/build/common.o
+FUZZ_BINS    := $(addprefix fuzz/build/,$(FUZZ_TARGETS))
+
+.PHONY: fuzz fuzz-build
+.SECONDARY: $(FUZZ_OBJS)
+fuzz-build: $(FUZZ_BINS) plugins/memory/nbdserve-memory-plugin.so
+
+fuzz/build/%.o: server/%.c $(wildcard server/*.h include/*.h)
+	@mkdir -p fuzz/build
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -c $< -o $@
+
+fuzz/build/common.o: fuzz/common.c fuzz/common.h $(wildcard server/*.h include/*.h)
+	@mkdir -p fuzz/build
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -c $< -o $@
+
+# -rdynamic: the plugin the harness loads finds the nbdserve_* functions.
+fuzz/build/%: fuzz/%.c $(FUZZ_OBJS)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer -rdynamic $^ -o $@ $(SERVER_LIBS)
+
+fuzz: fuzz-build
+	@mkdir -p fuzz/crashes
+	@for t in $(FUZZ_TARGETS); do \
+	  mkdir -p fuzz/corpus/$$t; \
+	  echo "== $$t ($(FUZZ_SECONDS) s)"; \
+	  ./fuzz/build/$$t -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 -timeout=20 -close_fd_mask=2 \
+	    -artifact_prefix=fuzz/crashes/$$t- -max_len=65536 \
+	    fuzz/corpus/$$t tests/fuzz/$$t 2>&1 | grep -E '^(#[0-9]+.*DONE|stat::|==[0-9]+==ERROR|SUMMARY)' \
+	    || exit 1; \
+	done
