@@ -95,12 +95,21 @@ void conn_free(struct conn *conn)
 
 /* Loop thread: a slot for a new request, or NULL when too many are in
  * flight (the caller then stops reading). */
+void request_set_weight(struct request *req, uint64_t bytes)
+{
+  struct conn *conn = req->conn;
+  pthread_mutex_lock(&conn->lock);
+  conn->in_flight_bytes += bytes - req->weight;
+  req->weight = bytes;
+  pthread_mutex_unlock(&conn->lock);
+}
+
 struct request *request_get(struct conn *conn)
 {
   struct request *req;
 
   pthread_mutex_lock(&conn->lock);
-  if (conn->in_flight >= MAX_IN_FLIGHT) {
+  if (conn->in_flight >= MAX_IN_FLIGHT || conn->in_flight_bytes >= MAX_IN_FLIGHT_BYTES) {
     pthread_mutex_unlock(&conn->lock);
     return NULL;
   }
@@ -122,6 +131,7 @@ struct request *request_get(struct conn *conn)
   req->conn = conn;
   req->next = NULL;
   req->error = 0;
+  req->weight = 0;
   req->payload_len = 0;
   req->niov = req->iov_done = 0;
   req->hdr_used = 0;
@@ -146,6 +156,7 @@ void request_put(struct request *req)
   req->next = conn->free_requests;
   conn->free_requests = req;
   conn->in_flight--;
+  conn->in_flight_bytes -= req->weight;
   /* The loop needs to hear about it if it paused reading, or if it is
    * waiting for the connection to go idle. */
   if (conn->read_paused || conn->state == CONN_CLOSING)

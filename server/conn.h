@@ -27,6 +27,10 @@
 #define MAX_IN_FLIGHT 128
 /* Unsent reply bytes at which we stop reading more requests. */
 #define MAX_QUEUED_BYTES (16 * 1024 * 1024)
+/* Data bytes of the requests in flight (what reads will return, what
+ * writes brought) at which we stop taking new requests: 64 reads of
+ * 32 MiB must not mean 2 GiB of buffers.  One request may go past it. */
+#define MAX_IN_FLIGHT_BYTES (64 * 1024 * 1024)
 /* Request buffers larger than this are freed after use, not kept. */
 #define KEEP_BUFFER_SIZE (1024 * 1024)
 #define INBUF_SIZE (64 * 1024)
@@ -43,6 +47,7 @@ struct request {
   uint64_t cookie, offset, count; /* count: effect length */
   uint32_t payload_len; /* bytes of payload that followed the header */
   uint32_t error; /* NBD error decided at parse time, or 0 */
+  uint64_t weight; /* data bytes it holds while in flight (conn->in_flight_bytes) */
 
   char *buf; /* payload in, read data out */
   size_t buf_size;
@@ -129,6 +134,7 @@ struct conn {
   pthread_mutex_t lock;
   struct request *free_requests;
   unsigned in_flight; /* parsed, not yet fully replied */
+  uint64_t in_flight_bytes; /* sum of their weights */
   pthread_mutex_t send_lock;
   struct request *send_head, *send_tail; /* unsent replies, in order */
   size_t queued_bytes;
@@ -143,6 +149,8 @@ extern struct conn *conn_new(int rfd, int wfd);
 extern void conn_free(struct conn *conn);
 extern struct request *request_get(struct conn *conn);
 extern void request_put(struct request *req); /* reply sent or dropped */
+/* Account the data bytes REQ holds while in flight (backpressure). */
+extern void request_set_weight(struct request *req, uint64_t bytes);
 extern int request_reserve(struct request *req, size_t size); /* grow buf */
 extern void conn_send_reply(struct request *req); /* iovecs ready: send or queue */
 extern bool conn_flush(struct conn *conn); /* loop: write queued; false on error */

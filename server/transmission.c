@@ -496,6 +496,11 @@ bool transmission_input(struct conn *conn)
       payload = (req->flags & NBD_CMD_FLAG_PAYLOAD_LEN) ? req->count : 0;
     else if (req->type == NBD_CMD_WRITE)
       payload = req->count;
+    /* Refused requests hold nothing: their payload is skipped, their
+     * reply is a header. */
+    uint64_t weight = req->type == NBD_CMD_READ ? req->count : payload;
+    if (weight <= MAX_REQUEST_SIZE)
+      request_set_weight(req, weight);
 
     if (req->type == NBD_CMD_DISC) {
       nbdserve_debug("connection %u: client sent NBD_CMD_DISC", conn->id);
