@@ -557,6 +557,29 @@ void request_shutdown(void)
     ev_async_send(loop, &shutdown_watcher);
 }
 
+/* Seconds a stopping server waits for clients to take their replies. */
+#define SHUTDOWN_GRACE 10.0
+static ev_timer shutdown_timer;
+
+/* The grace period is over: clients that still have not read their
+ * replies lose them.  Requests still running finish first (their
+ * connections close when idle), so no acknowledged write is at stake:
+ * only replies nobody was reading. */
+static void shutdown_timeout_cb(struct ev_loop *l, ev_timer *w, int revents)
+{
+  (void) l, (void) w, (void) revents;
+  struct conn *c = all_conns, *next;
+  for (; c; c = next) {
+    next = c->next_conn;
+    nbdserve_error("connection %u: replies not taken %g s after the server was told to "
+                   "stop; dropping them", c->id, SHUTDOWN_GRACE);
+    pthread_mutex_lock(&c->send_lock);
+    c->write_failed = true;
+    pthread_mutex_unlock(&c->send_lock);
+    conn_service(c);
+  }
+}
+
 static void begin_shutdown(void)
 {
   if (shutting_down)
@@ -571,8 +594,12 @@ static void begin_shutdown(void)
     conn_close_when_idle(c);
     conn_service(c);
   }
-  if (nr_conns == 0)
+  if (nr_conns == 0) {
     ev_break(loop, EVBREAK_ALL);
+    return;
+  }
+  ev_timer_init(&shutdown_timer, shutdown_timeout_cb, SHUTDOWN_GRACE, 0.);
+  ev_timer_start(loop, &shutdown_timer);
 }
 
 static void shutdown_cb(struct ev_loop *l, ev_async *w, int revents)

@@ -2,12 +2,12 @@
 # Server limits: --handshake-timeout closes a client that stalls in the
 # handshake, --max-connections refuses extra clients at once; in both
 # cases the good clients keep being served, byte for byte.
-import os, socket, struct, subprocess, sys, time
+import os, socket, struct, subprocess, sys, threading, time
 sys.dont_write_bytecode = True
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "lib"))
 import nbdtest
 
-t = nbdtest.Test(plan=11)
+t = nbdtest.Test(plan=14)
 NBDMAGIC = b"NBDMAGIC"
 
 
@@ -85,6 +85,55 @@ t.ok(round_trip(uri, 3), "once one leaves, a new client is served")
 held[1].shutdown()
 t.ok("--max-connections" in t.log("maxconn"), "the refusal is logged")
 t.stop()
+
+# ---- options per handshake ----
+uri = t.server("options", "memory", "1M")
+s = raw(uri)
+s.recv(18)
+flood = struct.pack(">I", 3) + (b"IHAVEOPT" + struct.pack(">II", 99, 0)) * 16400
+# Send from a thread: the server answers as it reads, and a client that
+# only sends would fill both directions and wait forever.
+def send_flood():
+    try:
+        s.sendall(flood)
+    except OSError:
+        pass  # closed by the server before the end: expected
+
+
+sender = threading.Thread(target=send_flood, daemon=True)
+sender.start()
+replies, data = 0, b""
+s.settimeout(30)
+while True:
+    try:
+        chunk = s.recv(65536)
+    except (socket.timeout, ConnectionError):
+        break
+    if not chunk:
+        break
+    data += chunk
+while len(data) >= 20:
+    length = struct.unpack(">I", data[16:20])[0]
+    data = data[20 + length:]
+    replies += 1
+t.is_(replies, 16384, "a client sending 16,400 options gets 16,384 answers, then is closed")
+t.ok(round_trip(uri, 4), "the server serves others afterwards")
+t.stop()
+
+# ---- a client that never reads does not keep a stopping server alive ----
+uri = t.server("deaf", "memory", "64M")
+s = raw(uri)
+s.recv(18)
+s.sendall(struct.pack(">I", 1) + b"IHAVEOPT" + struct.pack(">II", 7, 6) + struct.pack(">IH", 0, 0))
+time.sleep(0.3)
+s.sendall(b"".join(struct.pack(">IHHQQI", 0x25609513, 0, 0, i, 0, 16 << 20) for i in range(8)))
+time.sleep(0.5)
+start = time.monotonic()
+rc = t.stop(timeout=30)
+took = time.monotonic() - start
+t.ok(rc == 0 and took < 20 and "dropping them" in t.log("deaf"),
+     "SIGTERM with a client not reading 128 MiB of replies: exit %s after %.1f s" % (rc, took))
+s.close()
 
 bad = [subprocess.run([nbdtest.NBDSERVE, "-U", "-", opt, "memory", "1M", "--run", "true"],
                       capture_output=True, text=True, timeout=30)
