@@ -7,37 +7,9 @@ import os, socket, struct, subprocess, sys, time
 sys.dont_write_bytecode = True
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "lib"))
 import nbdtest
-from nbdtest import nbd, errno_of
+from nbdtest import nbd, errno_of, raw_go, raw_request as request
 
 t = nbdtest.Test(plan=9, watchdog=300, filters=("error",))
-
-
-def recv_exactly(s, n):
-    buf = b""
-    while len(buf) < n:
-        chunk = s.recv(n - len(buf))
-        if not chunk:
-            raise EOFError
-        buf += chunk
-    return buf
-
-
-def raw_go(sock):
-    """A raw connection in transmission phase with simple replies."""
-    s = socket.socket(socket.AF_UNIX)
-    s.settimeout(10)
-    s.connect(sock)
-    recv_exactly(s, 18)
-    s.sendall(struct.pack(">I", 1) + b"IHAVEOPT" + struct.pack(">II", 7, 6) + struct.pack(">IH", 0, 0))
-    while True:
-        _m, _o, rtype, length = struct.unpack(">QIII", recv_exactly(s, 20))
-        recv_exactly(s, length)
-        if rtype == 1:
-            return s
-
-
-def request(cmd, offset, length, cookie=1):
-    return struct.pack(">IHHQQI", 0x25609513, 0, cmd, cookie, offset, length)
 
 
 # ---- Clients that vanish -------------------------------------------------------
@@ -52,7 +24,7 @@ s.sendall(request(1, 8 << 20, 1 << 20) + os.urandom(100 * 1024))  # WRITE of 1 M
 s.close()
 s = raw_go(sock)
 s.sendall(request(0, 0, 32 << 20))  # READ of 32 MiB, 10 bytes of the reply read
-recv_exactly(s, 10)
+nbdtest.recv_exactly(s, 10)
 s.close()
 for _ in range(20):  # and twenty more of each, quickly
     s = raw_go(sock)

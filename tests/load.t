@@ -7,7 +7,7 @@ import os, random, resource, socket, struct, sys, time
 sys.dont_write_bytecode = True
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "lib"))
 import nbdtest
-from nbdtest import nbd
+from nbdtest import nbd, raw_go, recv_exactly
 
 t = nbdtest.Test(plan=9, watchdog=400)
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -103,16 +103,6 @@ h.pwrite(b"keep" * 1024, 0)
 h.shutdown()
 
 
-def recv_exactly(s, n):
-    buf = b""
-    while len(buf) < n:
-        chunk = s.recv(n - len(buf))
-        if not chunk:
-            raise EOFError
-        buf += chunk
-    return buf
-
-
 def cycle(i):
     s = socket.socket(socket.AF_UNIX)
     s.settimeout(10)
@@ -181,15 +171,7 @@ while h.aio_in_flight() > 0:
 h.shutdown()
 
 before = rss_kib()
-stuck = socket.socket(socket.AF_UNIX)
-stuck.connect(sock)
-recv_exactly(stuck, 18)
-stuck.sendall(struct.pack(">I", 1) + b"IHAVEOPT" + struct.pack(">II", 7, 6) + struct.pack(">IH", 0, 0))
-while True:
-    _m, _o, rtype, length = struct.unpack(">QIII", recv_exactly(stuck, 20))
-    recv_exactly(stuck, length)
-    if rtype == 1:
-        break
+stuck = raw_go(sock)
 # 64 reads of 32 MiB (simple replies: all data), and then never read.
 stuck.sendall(b"".join(struct.pack(">IHHQQI", 0x25609513, 0, 0, i, (i % 32) << 25, 32 << 20)
                        for i in range(64)))

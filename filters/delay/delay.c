@@ -13,11 +13,11 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/random.h>
 #include <time.h>
 #include <unistd.h>
 
 #include "nbdserve-filter.h"
+#include "fastrandom.h"
 
 enum kind { READ, WRITE, ZERO, TRIM, FLUSH, EXTENTS, CACHE, OPEN, CLOSE, NR_KINDS };
 
@@ -106,26 +106,12 @@ static int delay_config_complete(void)
   return 0;
 }
 
-static uint64_t random_below(uint64_t bound)
-{
-  static __thread uint64_t state;
-  if (state == 0) {
-    if (getrandom(&state, sizeof state, 0) != sizeof state)
-      state = (uint64_t)(uintptr_t)&state ^ (uint64_t)getpid();
-    state |= 1;
-  }
-  state ^= state << 13;
-  state ^= state >> 7;
-  state ^= state << 17;
-  return bound ? state % bound : 0;
-}
-
 static void wait_for(enum kind k)
 {
   const struct delay *d = &delays[k];
   if (!d->set)
     return;
-  uint64_t ns = d->min + random_below(d->max - d->min + 1);
+  uint64_t ns = d->min + fastrandom_below(d->max - d->min + 1);
   struct timespec ts = { .tv_sec = (time_t)(ns / 1000000000), .tv_nsec = (long)(ns % 1000000000) };
   while (nanosleep(&ts, &ts) == -1 && errno == EINTR)
     ;

@@ -16,10 +16,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
-#include <sys/random.h>
 #include <unistd.h>
 
 #include "nbdserve-filter.h"
+#include "fastrandom.h"
 
 enum kind { PREAD, PWRITE, ZERO, TRIM, FLUSH, EXTENTS, CACHE, NR_KINDS };
 
@@ -141,22 +141,6 @@ static int error_config_complete(void)
   return 0;
 }
 
-/* A uniform double in [0, 1) from a per-thread xorshift generator, so
- * workers never contend on a shared random state. */
-static double random_unit(void)
-{
-  static __thread uint64_t state;
-  if (state == 0) {
-    if (getrandom(&state, sizeof state, 0) != sizeof state)
-      state = (uint64_t)(uintptr_t)&state ^ (uint64_t)getpid();
-    state |= 1;
-  }
-  state ^= state << 13;
-  state ^= state >> 7;
-  state ^= state << 17;
-  return (double)(state >> 11) / (double)(UINT64_C(1) << 53);
-}
-
 /* Returns true (with the error set) if this request must fail. */
 static bool inject(enum kind k)
 {
@@ -165,7 +149,7 @@ static bool inject(enum kind k)
     return false;
   if (r->file && access(r->file, F_OK) != 0)
     return false;
-  if (r->rate < 1 && random_unit() >= r->rate)
+  if (r->rate < 1 && fastrandom_unit() >= r->rate)
     return false;
   nbdserve_debug("error: injecting errno %d into %s", r->err, kind_names[k]);
   nbdserve_set_error(r->err);
