@@ -10,7 +10,7 @@ ratio nbdserve / best peer, computed per round, then its median.
 
 Environment: ROUNDS (default 5), BENCH_OUT (output directory; default
 docs/, or a temporary directory under BENCH_SMOKE), BENCH_ONLY (comma
-separated workload names to run).
+separated measurement names: seq-read, qd1, idle...).
 """
 # SPDX-License-Identifier: BSD-3-Clause
 import json
@@ -208,12 +208,6 @@ def rand_iops(server, work, rw):
     return fio(server, rw, 32)["iops"]
 
 
-def qd1_latency(server, work, percentile):
-    fill(server, work)
-    clat = fio(server, "randread", 1)["clat_ns"]["percentile"]
-    return clat[percentile] / 1000.0
-
-
 def idle_connections(server, work):
     """Open IDLE_CONNS connections that complete the handshake (NBD_OPT_GO)
     and stay idle; returns (seconds to get them all in, KiB of server RSS
@@ -261,55 +255,65 @@ def recv_exactly(s, n):
 
 
 # ---- Workloads -----------------------------------------------------------------
-# name: (label, unit, higher_is_better, server options, measure(server, work))
-# idle-1000 yields two numbers; it is split into two rows afterwards.
+# A measurement starts a server with OPTS, runs FN(server, work) and gets
+# one figure per row it feeds (the QD1 run gives both percentiles, the
+# idle run both time and memory).
 
-WORKLOADS = [
-    ("seq-read", "sequential read, 1 connection (memory)", "MB/s", True,
-     dict(backend="memory"), lambda s, w: seq_read(s, w, 1)),
-    ("seq-write", "sequential write (memory)", "MB/s", True,
-     dict(backend="memory"), seq_write),
-    ("randread", "4K random read, QD32 (memory)", "IOPS", True,
-     dict(backend="memory"), lambda s, w: rand_iops(s, w, "randread")),
-    ("randwrite", "4K random write, QD32 (memory)", "IOPS", True,
-     dict(backend="memory"), lambda s, w: rand_iops(s, w, "randwrite")),
-    ("qd1-p50", "4K read latency QD1, p50 (memory)", "µs", False,
-     dict(backend="memory"), lambda s, w: qd1_latency(s, w, "50.000000")),
-    ("qd1-p99", "4K read latency QD1, p99 (memory)", "µs", False,
-     dict(backend="memory"), lambda s, w: qd1_latency(s, w, "99.000000")),
-    ("multi-conn", "sequential read, 4 connections (memory)", "MB/s", True,
-     dict(backend="memory"), lambda s, w: seq_read(s, w, 4)),
-    ("tcp-read", "sequential read over TCP loopback (memory)", "MB/s", True,
-     dict(backend="memory", tcp=True), lambda s, w: seq_read(s, w, 1)),
-    ("file-read", "sequential read (file in /dev/shm)", "MB/s", True,
-     dict(backend="file"), lambda s, w: seq_read(s, w, 1)),
-    ("file-randread", "4K random read, QD32 (file in /dev/shm)", "IOPS", True,
-     dict(backend="file"), lambda s, w: rand_iops(s, w, "randread")),
-    ("file-randwrite", "4K random write, QD32 (file in /dev/shm)", "IOPS", True,
-     dict(backend="file"), lambda s, w: rand_iops(s, w, "randwrite")),
-    ("tls-read", "sequential read, TLS-PSK (memory)", "MB/s", True,
-     dict(backend="memory", tls=True), lambda s, w: seq_read(s, w, 1)),
-    ("idle-accept", "%d idle connections: time to accept them all", "s", False,
-     dict(backend="memory"), None),
-    ("idle-rss", "%d idle connections: server memory per connection", "KiB", False,
-     dict(backend="memory"), None),
+def qd1(server, work):
+    fill(server, work)
+    clat = fio(server, "randread", 1)["clat_ns"]["percentile"]
+    return {"qd1-p50": clat["50.000000"] / 1000.0, "qd1-p99": clat["99.000000"] / 1000.0}
+
+
+def idle(server, work):
+    took, per_conn = idle_connections(server, work)
+    return {"idle-accept": took, "idle-rss": per_conn}
+
+
+MEASUREMENTS = [
+    ("seq-read", dict(backend="memory"), lambda s, w: {"seq-read": seq_read(s, w, 1)}),
+    ("seq-write", dict(backend="memory"), lambda s, w: {"seq-write": seq_write(s, w)}),
+    ("randread", dict(backend="memory"), lambda s, w: {"randread": rand_iops(s, w, "randread")}),
+    ("randwrite", dict(backend="memory"), lambda s, w: {"randwrite": rand_iops(s, w, "randwrite")}),
+    ("qd1", dict(backend="memory"), qd1),
+    ("multi-conn", dict(backend="memory"), lambda s, w: {"multi-conn": seq_read(s, w, 4)}),
+    ("tcp-read", dict(backend="memory", tcp=True), lambda s, w: {"tcp-read": seq_read(s, w, 1)}),
+    ("file-read", dict(backend="file"), lambda s, w: {"file-read": seq_read(s, w, 1)}),
+    ("file-randread", dict(backend="file"),
+     lambda s, w: {"file-randread": rand_iops(s, w, "randread")}),
+    ("file-randwrite", dict(backend="file"),
+     lambda s, w: {"file-randwrite": rand_iops(s, w, "randwrite")}),
+    ("tls-read", dict(backend="memory", tls=True), lambda s, w: {"tls-read": seq_read(s, w, 1)}),
+    ("idle", dict(backend="memory"), idle),
+]
+
+# Rows of the report: name, label, unit, higher is better.
+ROWS = [
+    ("seq-read", "sequential read, 1 connection (memory)", "MB/s", True),
+    ("seq-write", "sequential write (memory)", "MB/s", True),
+    ("randread", "4K random read, QD32 (memory)", "IOPS", True),
+    ("randwrite", "4K random write, QD32 (memory)", "IOPS", True),
+    ("qd1-p50", "4K read latency QD1, p50 (memory)", "µs", False),
+    ("qd1-p99", "4K read latency QD1, p99 (memory)", "µs", False),
+    ("multi-conn", "sequential read, 4 connections (memory)", "MB/s", True),
+    ("tcp-read", "sequential read over TCP loopback (memory)", "MB/s", True),
+    ("file-read", "sequential read (file in /dev/shm)", "MB/s", True),
+    ("file-randread", "4K random read, QD32 (file in /dev/shm)", "IOPS", True),
+    ("file-randwrite", "4K random write, QD32 (file in /dev/shm)", "IOPS", True),
+    ("tls-read", "sequential read, TLS-PSK (memory)", "MB/s", True),
+    ("idle-accept", "%d idle connections: time to accept them all", "s", False),
+    ("idle-rss", "%d idle connections: server memory per connection", "KiB", False),
 ]
 
 
-def run_workload(work, wl, results):
-    name, label, unit, higher, opts, measure = wl
-    if name == "idle-rss":
-        return  # measured together with idle-accept
+def run_measurement(work, measurement, results):
+    name, opts, fn = measurement
     rounds = WARMUP + ROUNDS
     for rnd in range(rounds):
         for kind in SERVERS:
             server = Server(work, kind, **opts).start()
             try:
-                if name == "idle-accept":
-                    took, per_conn = idle_connections(server, work)
-                    values = {"idle-accept": took, "idle-rss": per_conn}
-                else:
-                    values = {name: measure(server, work)}
+                values = fn(server, work)
             except Exception as e:
                 log("  %s %s round %d: %s" % (name, kind, rnd, e))
                 values = {}
@@ -334,7 +338,7 @@ def fmt(v):
 
 def summarize(results):
     rows = []
-    for name, label, unit, higher, _opts, _m in WORKLOADS:
+    for name, label, unit, higher in ROWS:
         per_server = results.get(name, {})
         if "idle" in name:
             label = label % IDLE_CONNS
@@ -510,8 +514,6 @@ def main():
                                        if SMOKE else os.path.join(TOP, "docs"))
     os.makedirs(out_dir, exist_ok=True)
     only = set(filter(None, ENV.get("BENCH_ONLY", "").split(",")))
-    if "idle-rss" in only:
-        only.add("idle-accept")
 
     parent = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
     work = tempfile.mkdtemp(prefix="nbdserve-bench.", dir=parent)
@@ -526,14 +528,14 @@ def main():
                        capture_output=True, check=True)
         os.chmod(psk_file(work), 0o600)
         results = {}
-        for wl in WORKLOADS:
-            if only and wl[0] not in only:
+        for m in MEASUREMENTS:
+            if only and m[0] not in only:
                 continue
-            log("%s (%s)" % (wl[0], ", ".join(SERVERS)))
-            run_workload(work, wl, results)
+            log("%s (%s)" % (m[0], ", ".join(SERVERS)))
+            run_measurement(work, m, results)
         rows = summarize(results)
-        if only:
-            rows = [r for r in rows if r["name"] in only]
+        if only:  # just the rows of what ran
+            rows = [r for r in rows if r["name"] in results]
         path = write_report(rows, out_dir, versions(), started)
         print(table(rows))
         log("\nreport: %s (%.0f s)" % (path, time.time() - started))
