@@ -139,6 +139,12 @@ class Server:
             if os.path.exists(path):
                 os.unlink(path)
 
+    def cpu_seconds(self):
+        """User and system time of the server so far, all threads."""
+        with open("/proc/%d/stat" % self.proc.pid) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def rss_kib(self):
         with open("/proc/%d/status" % self.proc.pid) as f:
             return int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1))
@@ -202,10 +208,16 @@ def seq_write(server, work):
     return SIZE / t / 1e6
 
 
-def rand_iops(server, work, rw):
+def rand_iops(server, work, rw, name):
+    """IOPS, and the server's CPU time per request: with the client
+    taking a core of its own, the CPU a server spends on each request
+    says more about it than the IOPS alone."""
     if rw == "randread":
         fill(server, work)
-    return fio(server, rw, 32)["iops"]
+    before = server.cpu_seconds()
+    result = fio(server, rw, 32)
+    cpu = server.cpu_seconds() - before
+    return {name: result["iops"], name + "-cpu": cpu / max(result["total_ios"], 1) * 1e6}
 
 
 def idle_connections(server, work):
@@ -273,16 +285,15 @@ def idle(server, work):
 MEASUREMENTS = [
     ("seq-read", dict(backend="memory"), lambda s, w: {"seq-read": seq_read(s, w, 1)}),
     ("seq-write", dict(backend="memory"), lambda s, w: {"seq-write": seq_write(s, w)}),
-    ("randread", dict(backend="memory"), lambda s, w: {"randread": rand_iops(s, w, "randread")}),
-    ("randwrite", dict(backend="memory"), lambda s, w: {"randwrite": rand_iops(s, w, "randwrite")}),
+    ("randread", dict(backend="memory"), lambda s, w: rand_iops(s, w, "randread", "randread")),
+    ("randwrite", dict(backend="memory"), lambda s, w: rand_iops(s, w, "randwrite", "randwrite")),
     ("qd1", dict(backend="memory"), qd1),
     ("multi-conn", dict(backend="memory"), lambda s, w: {"multi-conn": seq_read(s, w, 4)}),
     ("tcp-read", dict(backend="memory", tcp=True), lambda s, w: {"tcp-read": seq_read(s, w, 1)}),
     ("file-read", dict(backend="file"), lambda s, w: {"file-read": seq_read(s, w, 1)}),
-    ("file-randread", dict(backend="file"),
-     lambda s, w: {"file-randread": rand_iops(s, w, "randread")}),
+    ("file-randread", dict(backend="file"), lambda s, w: rand_iops(s, w, "randread", "file-randread")),
     ("file-randwrite", dict(backend="file"),
-     lambda s, w: {"file-randwrite": rand_iops(s, w, "randwrite")}),
+     lambda s, w: rand_iops(s, w, "randwrite", "file-randwrite")),
     ("tls-read", dict(backend="memory", tls=True), lambda s, w: {"tls-read": seq_read(s, w, 1)}),
     ("idle", dict(backend="memory"), idle),
 ]
@@ -292,14 +303,18 @@ ROWS = [
     ("seq-read", "sequential read, 1 connection (memory)", "MB/s", True),
     ("seq-write", "sequential write (memory)", "MB/s", True),
     ("randread", "4K random read, QD32 (memory)", "IOPS", True),
+    ("randread-cpu", "... server CPU time per read", "µs", False),
     ("randwrite", "4K random write, QD32 (memory)", "IOPS", True),
+    ("randwrite-cpu", "... server CPU time per write", "µs", False),
     ("qd1-p50", "4K read latency QD1, p50 (memory)", "µs", False),
     ("qd1-p99", "4K read latency QD1, p99 (memory)", "µs", False),
     ("multi-conn", "sequential read, 4 connections (memory)", "MB/s", True),
     ("tcp-read", "sequential read over TCP loopback (memory)", "MB/s", True),
     ("file-read", "sequential read (file in /dev/shm)", "MB/s", True),
     ("file-randread", "4K random read, QD32 (file in /dev/shm)", "IOPS", True),
+    ("file-randread-cpu", "... server CPU time per read", "µs", False),
     ("file-randwrite", "4K random write, QD32 (file in /dev/shm)", "IOPS", True),
+    ("file-randwrite-cpu", "... server CPU time per write", "µs", False),
     ("tls-read", "sequential read, TLS-PSK (memory)", "MB/s", True),
     ("idle-accept", "%d idle connections: time to accept them all", "s", False),
     ("idle-rss", "%d idle connections: server memory per connection", "KiB", False),
@@ -464,6 +479,10 @@ How each row is measured:
   nothing); MB/s = disk size / wall time. Writes: `nbdcopy --flush` of a
   random file in /dev/shm into a fresh server.
 - Random and latency rows: fio's nbd engine, 4 KiB blocks, over the whole disk.
+  On a 2-CPU machine fio itself takes a whole core at QD32, so the IOPS of
+  the faster servers meet the client's limit; the "server CPU time" rows
+  (the server process's user + system time during the run, divided by
+  the requests served) show what each request costs the server.
 - The memory rows use each server's RAM disk (nbdserve `memory`, nbdkit
   `memory`); qemu-nbd has none and serves a raw file in /dev/shm instead.
 - TLS: pre-shared keys; each server negotiates its preferred cipher suite
