@@ -17,10 +17,18 @@ FUZZ_CFLAGS  := -std=gnu11 -g -O1 -fno-omit-frame-pointer $(FUZZ_SAN) -fsanitize
 FUZZ_OBJS    := $(patsubst server/%.c,fuzz/build/%.o,$(filter-out server/main.c,$(SERVER_SRCS))) \
                 fuzz/build/common.o
 FUZZ_BINS    := $(addprefix fuzz/build/,$(FUZZ_TARGETS))
+# The harnesses load their own build of the memory plugin, instrumented
+# like them (a gcc sanitizer build of the plugin would not mix with
+# clang's runtime, and this way the fuzzer sees the plugin's branches).
+FUZZ_PLUGIN  := fuzz/build/nbdserve-memory-plugin.so
 
 .PHONY: fuzz fuzz-build
 .SECONDARY: $(FUZZ_OBJS)
-fuzz-build: $(FUZZ_BINS) plugins/memory/nbdserve-memory-plugin.so
+fuzz-build: $(FUZZ_BINS) $(FUZZ_PLUGIN)
+
+$(FUZZ_PLUGIN): $(wildcard plugins/memory/*.c plugins/memory/*.h include/*.h)
+	@mkdir -p fuzz/build
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -fPIC -shared $(filter %.c,$^) -o $@
 
 fuzz/build/%.o: server/%.c $(wildcard server/*.h include/*.h)
 	@mkdir -p fuzz/build
