@@ -8,7 +8,7 @@ ratio nbdserve / best peer, computed per round, then its median.
     BENCH_QUICK=1 make bench   2 rounds, no warm-up, small sizes, under 2 minutes
     BENCH_SMOKE=1 bench/bench.py  nbdserve only, tiny sizes, a few seconds (used by make check)
 
-Environment: ROUNDS (default 5), BENCH_OUT (output directory; default
+Environment: ROUNDS (default 5), FIO_SECONDS (default 10), BENCH_OUT (output directory; default
 docs/, or a temporary directory under BENCH_SMOKE), BENCH_ONLY (comma
 separated measurement names: seq-read, qd1, idle...).
 """
@@ -40,6 +40,7 @@ elif QUICK:
 else:
     ROUNDS, WARMUP, SIZE, FIO_SECONDS, IDLE_CONNS = 5, 1, 1 << 30, 10, 1000
 ROUNDS = int(ENV.get("ROUNDS", ROUNDS))
+FIO_SECONDS = int(ENV.get("FIO_SECONDS", FIO_SECONDS))
 
 SERVERS = ["nbdserve", "nbdkit", "qemu-nbd"]
 if SMOKE:
