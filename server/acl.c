@@ -12,9 +12,7 @@
  */
 #include <arpa/inet.h>
 #include <errno.h>
-#include <grp.h>
 #include <netinet/in.h>
-#include <pwd.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -36,27 +34,6 @@ struct rule {
 static struct rule *rules;
 static size_t nr_rules;
 static bool have_allow[3];
-
-static bool parse_id(const char *text, bool is_uid, unsigned long *id)
-{
-  char *end;
-  errno = 0;
-  unsigned long n = strtoul(text, &end, 10);
-  if (*text && errno == 0 && *end == '\0' && text[0] != '-') {
-    *id = n;
-    return true;
-  }
-  if (is_uid) {
-    struct passwd *pw = getpwnam(text);
-    if (pw)
-      *id = pw->pw_uid;
-    return pw != NULL;
-  }
-  struct group *gr = getgrnam(text);
-  if (gr)
-    *id = gr->gr_gid;
-  return gr != NULL;
-}
 
 static void map_ipv4(unsigned char out[16], const struct in_addr *in)
 {
@@ -107,14 +84,19 @@ void acl_add(bool allow, const char *text)
   struct rule r = { .allow = allow };
   const char *option = allow ? "--allow" : "--deny";
   if (strncmp(text, "uid:", 4) == 0) {
+    uid_t uid;
+    gid_t unused;
     r.kind = RULE_UID;
-    if (!parse_id(text + 4, true, &r.id))
+    if (!find_user(text + 4, &uid, &unused))
       die("%s %s: no such user", option, text);
+    r.id = uid;
   }
   else if (strncmp(text, "gid:", 4) == 0) {
+    gid_t gid;
     r.kind = RULE_GID;
-    if (!parse_id(text + 4, false, &r.id))
+    if (!find_group(text + 4, &gid))
       die("%s %s: no such group", option, text);
+    r.id = gid;
   }
   else {
     r.kind = RULE_NET;

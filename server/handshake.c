@@ -106,17 +106,11 @@ static char *read_string(struct reader *r, uint32_t max)
 
 /* ---- Opening an export -------------------------------------------------- */
 
-/* Whether the connection being served runs TLS (options run on workers
- * with current_identity set to the connection's). */
-static int current_tls(void)
-{
-  return nbdserve_is_tls();
-}
 
 static char *resolve_export_name(const char *name)
 {
   if (name[0] == '\0') {
-    const char *def = nbdserve_next_default_export(chain_global(), opt.readonly, current_tls());
+    const char *def = nbdserve_next_default_export(chain_global(), opt.readonly, nbdserve_is_tls());
     if (def && def[0])
       return strdup(def);
     if (opt.export_name)
@@ -260,7 +254,7 @@ static enum option_result opt_list(struct conn *conn)
     return OPTION_CONTINUE;
   }
   struct nbdserve_exports *exports = nbdserve_exports_new();
-  if (nbdserve_next_list_exports(chain_global(), opt.readonly, current_tls(), exports) == -1) {
+  if (nbdserve_next_list_exports(chain_global(), opt.readonly, nbdserve_is_tls(), exports) == -1) {
     reply_error_msg(conn, NBD_REP_ERR_PLATFORM, "cannot list exports: %s", strerror(errno));
     nbdserve_exports_free(exports);
     return OPTION_CONTINUE;
@@ -284,7 +278,7 @@ static char *export_description(const char *export)
 {
   char *found = NULL;
   struct nbdserve_exports *exports = nbdserve_exports_new();
-  if (nbdserve_next_list_exports(chain_global(), opt.readonly, current_tls(), exports) == 0) {
+  if (nbdserve_next_list_exports(chain_global(), opt.readonly, nbdserve_is_tls(), exports) == 0) {
     for (size_t i = 0; i < nbdserve_exports_count(exports); i++) {
       const char *desc = nbdserve_exports_description(exports, i);
       if (desc && strcmp(nbdserve_exports_name(exports, i), export) == 0) {

@@ -76,6 +76,9 @@ extern void acl_free(void);
 
 /* ---- privileges.c: -u and -g ------------------------------------------------ */
 extern void drop_privileges(void);
+/* A user or group given as a name or a number (also for --allow uid:/gid:). */
+extern bool find_user(const char *text, uid_t *uid, gid_t *primary_gid);
+extern bool find_group(const char *text, gid_t *gid);
 
 /* ---- sockets.c: listening sockets --------------------------------------- */
 /* Bind every listening socket the options ask for (TCP on each address

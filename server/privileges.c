@@ -13,38 +13,48 @@
 
 #include "internal.h"
 
-/* A user or group as a name or a number; dies when there is none. */
-static void lookup_user(const char *text, uid_t *uid, gid_t *primary_gid)
+static bool parse_number(const char *text, unsigned long *n)
+{
+  char *end;
+  errno = 0;
+  *n = strtoul(text, &end, 10);
+  return *text && !*end && !errno && text[0] != '-';
+}
+
+/* A user as a name or a number.  PRIMARY_GID is the user's group, or -1
+ * for a number with no account behind it. */
+bool find_user(const char *text, uid_t *uid, gid_t *primary_gid)
 {
   struct passwd *pw = getpwnam(text);
+  unsigned long n;
   if (pw == NULL) {
-    char *end;
-    errno = 0;
-    unsigned long n = strtoul(text, &end, 10);
-    if (!*text || *end || errno || text[0] == '-')
-      die("-u %s: no such user", text);
+    if (!parse_number(text, &n))
+      return false;
     pw = getpwuid((uid_t) n);
-    if (pw == NULL) { /* a bare number is fine: the group must then be given */
+    if (pw == NULL) {
       *uid = (uid_t) n;
       *primary_gid = (gid_t) -1;
-      return;
+      return true;
     }
   }
   *uid = pw->pw_uid;
   *primary_gid = pw->pw_gid;
+  return true;
 }
 
-static gid_t lookup_group(const char *text)
+/* A group as a name or a number. */
+bool find_group(const char *text, gid_t *gid)
 {
   struct group *gr = getgrnam(text);
-  if (gr)
-    return gr->gr_gid;
-  char *end;
-  errno = 0;
-  unsigned long n = strtoul(text, &end, 10);
-  if (!*text || *end || errno || text[0] == '-')
-    die("-g %s: no such group", text);
-  return (gid_t) n;
+  unsigned long n;
+  if (gr) {
+    *gid = gr->gr_gid;
+    return true;
+  }
+  if (!parse_number(text, &n))
+    return false;
+  *gid = (gid_t) n;
+  return true;
 }
 
 /* The server must still be able to remove its Unix socket at exit. */
@@ -68,10 +78,10 @@ void drop_privileges(void)
     return;
   uid_t uid = getuid();
   gid_t gid = (gid_t) -1;
-  if (opt.user)
-    lookup_user(opt.user, &uid, &gid);
-  if (opt.group)
-    gid = lookup_group(opt.group);
+  if (opt.user && !find_user(opt.user, &uid, &gid))
+    die("-u %s: no such user", opt.user);
+  if (opt.group && !find_group(opt.group, &gid))
+    die("-g %s: no such group", opt.group);
   if (gid == (gid_t) -1)
     gid = getgid();
   if (geteuid() != 0)
