@@ -188,18 +188,22 @@ static void conn_consume(struct conn *conn)
     conn_close_when_idle(conn);
 }
 
+/* Pausing stops parsing, not reading: the socket goes on being drained
+ * into inbuf until that is full (conn_read stops the watcher then).  A
+ * client that sends all its requests before it reads any reply - one
+ * small write each - would otherwise block in send() long before the
+ * socket's byte limit, because the kernel counts every small write at
+ * a kilobyte or more, and neither side would move again. */
 static void set_read_paused(struct conn *conn, bool paused)
 {
   pthread_mutex_lock(&conn->lock);
   conn->read_paused = paused;
   pthread_mutex_unlock(&conn->lock);
-  if (paused)
-    ev_io_stop(loop, &conn->rio);
-  else
+  if (!paused)
     ev_io_start(loop, &conn->rio);
 }
 
-/* Backpressure: pause reading while too much is in flight or queued,
+/* Backpressure: pause parsing while too much is in flight or queued,
  * resume when it drained.  A completion that races with pausing is
  * caught by the second look.  Returns true if it parsed more buffered
  * input (which may have produced replies to flush). */
@@ -237,8 +241,13 @@ static void conn_read(struct conn *conn)
       conn->in_end -= conn->in_start;
       conn->in_start = 0;
     }
-    if (conn->in_end == INBUF_SIZE)
-      return; /* nothing parsed the full buffer yet: it will, then read */
+    if (conn->in_end == INBUF_SIZE) {
+      /* Full of requests not parsed yet.  While paused, nothing will
+       * parse them until a completion resumes us: stop watching. */
+      if (conn->read_paused)
+        ev_io_stop(loop, &conn->rio);
+      return;
+    }
     ssize_t r = conn_recv(conn, conn->inbuf + conn->in_end, INBUF_SIZE - conn->in_end);
     if (r < 0) {
       if (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK)
@@ -254,7 +263,8 @@ static void conn_read(struct conn *conn)
     }
     conn->in_end += (size_t) r;
   }
-  conn_consume(conn);
+  if (!conn->read_paused)
+    conn_consume(conn);
 }
 
 /* Flush handshake output; true when all of it is out. */
