@@ -27,6 +27,8 @@
 #define MAX_IN_FLIGHT 128
 /* Unsent reply bytes at which we stop reading more requests. */
 #define MAX_QUEUED_BYTES (16 * 1024 * 1024)
+/* Reply bytes that inline requests gather before they are written. */
+#define MAX_BATCH_BYTES (512 * 1024)
 /* Data bytes of the requests in flight (what reads will return, what
  * writes brought) at which we stop taking new requests: 64 reads of
  * 32 MiB must not mean 2 GiB of buffers.  One request may go past it. */

@@ -181,9 +181,16 @@ extern const char *contexts_name(const struct nbdserve_contexts *, size_t i);
 struct job {
   void (*run)(struct job *job);
   struct job *next;
+  uint64_t queued_at; /* ns, CLOCK_MONOTONIC */
 };
+/* How long a queued job may wait behind busy workers before one more
+ * worker is woken for it (see workers_nudge). */
+#define JOB_WAIT_LIMIT_NS 1000000
 extern void workers_start(unsigned nthreads);
 extern void workers_submit(struct job *job);
+/* Wake a worker for a job that has waited JOB_WAIT_LIMIT_NS; returns
+ * true while jobs are still queued (call again later). */
+extern bool workers_nudge(void);
 extern void workers_stop(void); /* finish queued jobs, join */
 
 /* ---- loop.c / conn.c / handshake.c / transmission.c --------------------- */

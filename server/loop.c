@@ -86,12 +86,26 @@ static void kick_cb(struct ev_loop *l, ev_async *w, int revents)
   }
 }
 
+/* While jobs are queued, look every JOB_WAIT_LIMIT_NS whether one has
+ * waited too long behind a slow job (see workers.c). */
+static ev_timer nudge_timer;
+
+static void nudge_cb(struct ev_loop *l, ev_timer *w, int revents)
+{
+  (void) l, (void) revents;
+  if (!workers_nudge())
+    ev_timer_stop(loop, w);
+}
+
 void dispatch_job(struct job *job)
 {
-  if (run_inline)
+  if (run_inline) {
     job->run(job);
-  else
-    workers_submit(job);
+    return;
+  }
+  workers_submit(job);
+  if (!ev_is_active(&nudge_timer))
+    ev_timer_start(loop, &nudge_timer);
 }
 
 /* ---- Closing ----------------------------------------------------------- */
@@ -660,6 +674,7 @@ static void loop_setup(void)
   nbdserve_debug("thread model %d, requests run %s", thread_model,
                  run_inline ? "on the loop thread" : "on worker threads");
 
+  ev_timer_init(&nudge_timer, nudge_cb, JOB_WAIT_LIMIT_NS / 1e9, JOB_WAIT_LIMIT_NS / 1e9);
   ev_async_init(&kick_watcher, kick_cb);
   ev_async_start(loop, &kick_watcher);
   ev_async_init(&shutdown_watcher, shutdown_cb);

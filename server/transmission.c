@@ -462,6 +462,20 @@ static bool take_payload(struct conn *conn, struct request *req, size_t *got)
   return *got == req->payload_len;
 }
 
+/* Inline requests put their replies in one batch for one writev.  Past
+ * a few hundred KiB the socket could not take more at once anyway, and
+ * running further reads would only fill more buffers that have gone
+ * cold in the cache by the time they are written. */
+static bool batch_is_full(struct conn *conn)
+{
+  if (!conn->batching)
+    return false;
+  pthread_mutex_lock(&conn->send_lock);
+  bool full = conn->queued_bytes >= MAX_BATCH_BYTES;
+  pthread_mutex_unlock(&conn->send_lock);
+  return full;
+}
+
 bool transmission_input(struct conn *conn)
 {
   size_t hsize = conn->extended ? sizeof(struct nbd_extended_request)
@@ -481,6 +495,8 @@ bool transmission_input(struct conn *conn)
                                                   : "");
       return false;
     }
+    if (batch_is_full(conn))
+      return true; /* the loop writes, then comes back for the rest */
     struct request *req = request_get(conn);
     if (req == NULL)
       return true; /* too many in flight: the loop pauses reading */
