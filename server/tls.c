@@ -52,7 +52,6 @@ static mbedtls_ctr_drbg_context drbg;
 static mbedtls_x509_crt ca_chain, server_chain;
 static mbedtls_x509_crl crl;
 static mbedtls_pk_context server_key;
-static bool have_ca, have_crl;
 static struct psk *psks;
 static size_t nr_psks;
 
@@ -113,6 +112,7 @@ static void load_certificates(const char *dir)
   char *key = dir_file(dir, "server-key.pem");
   char *ca = dir_file(dir, "ca-cert.pem");
   char *crl_file = dir_file(dir, "ca-crl.pem");
+  bool have_ca = false, have_crl = false;
   int r;
 
   if ((r = mbedtls_x509_crt_parse_file(&server_chain, cert)) != 0)

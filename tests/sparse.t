@@ -3,7 +3,7 @@
 # file and on a 1T memory disk with three small writes; trim punches holes.
 . "$(dirname "$0")/lib/functions.sh"
 requires nbdinfo nbdsh qemu-img
-plan 10
+plan 11
 
 # map URI: "offset length type;" for every extent nbdinfo reports.
 map() { nbdinfo --map "$1" | awk '{printf "%s %s %s;", $1, $2, $3}'; }
@@ -31,6 +31,12 @@ after=$(stat -c %b "$tmp/sparse.img")
 if [ "$after" -lt "$before" ]; then ok "file: trim frees the blocks ($before -> $after)"
 else not_ok "file: trim frees the blocks ($before -> $after)"; fi
 is "file: after trim the whole file is one hole" "$(map "$uri")" "0 16777216 3;"
+# Written through, the file has no hole left (and the plugin takes the
+# short way: a file with as many blocks as bytes is all data).
+head -c 16M /dev/urandom > "$tmp/full"
+nbdcopy "$tmp/full" "$uri"
+is "file: once written in full, the whole file is one data extent" "$(map "$uri")" \
+   "0 16777216 0;"
 stop_server
 
 # ---- memory plugin: 1T, pages of 64K, three writes ----

@@ -139,13 +139,7 @@ class Raw:
         self.s.sendall(struct.pack(">I", 3))  # fixed newstyle, no zeroes
 
     def read(self, n):
-        buf = b""
-        while len(buf) < n:
-            chunk = self.s.recv(n - len(buf))
-            if not chunk:
-                raise EOFError("server closed after %d bytes" % len(buf))
-            buf += chunk
-        return buf
+        return nbdtest.recv_exactly(self.s, n)  # works on the TLS socket too
 
     def option(self, opt, payload=b""):
         self.s.sendall(b"IHAVEOPT" + struct.pack(">II", opt, len(payload)) + payload)
