@@ -94,7 +94,8 @@ struct conn {
   ev_io rio, wio;
   ev_timer handshake_timer;
   enum conn_state state;
-  bool read_paused; /* rio stopped for backpressure */
+  bool read_paused; /* parsing stopped for backpressure */
+  bool input_ended; /* the client closed its side while requests waited in inbuf */
   bool hard_close; /* drop without waiting (write error) */
 
   /* Input (loop thread only). */
@@ -189,6 +190,8 @@ extern void handshake_option_finished(struct conn *conn); /* loop, after the job
  * payloads).  Returns false when the connection must stop reading. */
 extern bool transmission_input(struct conn *conn);
 extern void transmission_read_payload(struct conn *conn); /* read straight into partial */
+/* No whole request is left in inbuf (or a payload is cut short). */
+extern bool transmission_input_exhausted(const struct conn *conn);
 extern void conn_set_identity(struct conn *conn);
 
 /* replies.c */

@@ -213,7 +213,7 @@ static void set_read_paused(struct conn *conn, bool paused)
   pthread_mutex_lock(&conn->lock);
   conn->read_paused = paused;
   pthread_mutex_unlock(&conn->lock);
-  if (!paused)
+  if (!paused && !conn->input_ended)
     ev_io_start(loop, &conn->rio);
 }
 
@@ -238,6 +238,11 @@ static bool conn_update_reading(struct conn *conn)
   size_t before = conn->in_start;
   if (conn->partial == NULL && conn->in_end - conn->in_start > 0)
     conn_consume(conn);
+  if (conn->input_ended && conn->state == CONN_TRANSMISSION &&
+      transmission_input_exhausted(conn)) {
+    nbdserve_debug("connection %u: client closed the connection", conn->id);
+    conn_close_when_idle(conn);
+  }
   return conn->in_start != before;
 }
 
@@ -271,6 +276,15 @@ static void conn_read(struct conn *conn)
       return;
     }
     if (r == 0) {
+      if (conn->state == CONN_TRANSMISSION && !transmission_input_exhausted(conn)) {
+        /* A client that shut down its sending side still waits for the
+         * replies to what it sent: serve the requests still in inbuf
+         * (we paused, or parsed one batch only), and close after that
+         * (conn_update_reading). */
+        conn->input_ended = true;
+        ev_io_stop(loop, &conn->rio);
+        return;
+      }
       nbdserve_debug("connection %u: client closed the connection", conn->id);
       conn_close_when_idle(conn);
       return;

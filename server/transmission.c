@@ -550,6 +550,13 @@ bool transmission_input(struct conn *conn)
   return true;
 }
 
+bool transmission_input_exhausted(const struct conn *conn)
+{
+  size_t hsize = conn->extended ? sizeof(struct nbd_extended_request)
+                                : sizeof(struct nbd_request);
+  return conn->partial != NULL || available(conn) < hsize;
+}
+
 void transmission_read_payload(struct conn *conn)
 {
   struct request *req = conn->partial;

@@ -4,7 +4,7 @@
 # replies for a while, many clients at once.
 . "$(dirname "$0")/lib/functions.sh"
 . "$(dirname "$0")/lib/raw.sh"
-plan 9
+plan 10
 
 start_server stream memory 256M
 
@@ -53,6 +53,33 @@ slow_reader() {  # NAME FIRST_BURST
 is "128 MiB of replies to a reader that waited: all there, in one piece" \
     "$(slow_reader slow 128)" "128 1"
 is "... and when its requests came in two bursts" "$(slow_reader slowburst 40)" "128 1"
+
+# A client that sends 200 reads of 1 MiB, shuts down its sending side
+# and only then reads: every reply comes, although the server had to
+# stop parsing after 64 MiB and saw the end of the input before it
+# parsed the rest.
+"$PYTHON" - "$sock" "$top/tests/lib" > "$tmp/halfclose.out" 2>&1 <<'PY'
+import socket, struct, sys
+sys.path.insert(0, sys.argv[2])
+from nbdtest import raw_go, raw_request, recv_exactly
+s = raw_go(sys.argv[1])
+s.settimeout(20)
+s.sendall(b"".join(raw_request(0, 0, 1 << 20, cookie=i) for i in range(1, 201)))
+s.shutdown(socket.SHUT_WR)
+got = []
+try:
+    for _ in range(200):
+        magic, error, cookie = struct.unpack(">IIQ", recv_exactly(s, 16))
+        assert magic == 0x67446698 and error == 0, (magic, error)
+        recv_exactly(s, 1 << 20)
+        got.append(cookie)
+except Exception as e:
+    print("after %d replies: %r" % (len(got), e))
+print("replies %d, cookies %s" % (len(got), "ok" if sorted(got) == list(range(1, 201)) else "wrong"))
+print("then EOF" if s.recv(1) == b"" else "then more data")
+PY
+is "half-closed client: 200 replies of 1 MiB, then the server closes" \
+    "$(tail -2 "$tmp/halfclose.out" | tr '\n' ' ')" "replies 200, cookies ok then EOF "
 
 # The same, but the client disconnects without reading anything.
 { echo hello; echo structured; echo go
