@@ -492,7 +492,14 @@ How each row is measured:
   On a 2-CPU machine fio itself takes a whole core at QD32, so the IOPS of
   the faster servers meet the client's limit; the "server CPU time" rows
   (the server process's user + system time during the run, divided by
-  the requests served) show what each request costs the server.
+  the requests served) show what each request costs the server. fio
+  never sleeps there: each I/O costs it one poll, four recvfrom and one
+  sendto whatever the server, and how fast those system calls go depends
+  on what the server's thread does on the other CPU (a server thread
+  woken from sleep by the client's send makes that send dearer). This is
+  why the memory random-read IOPS swing by up to ±30% between rounds for
+  every server, and why a server that spends less CPU per read does not
+  get more IOPS here.
 - The memory rows use each server's RAM disk (nbdserve `memory`, nbdkit
   `memory`); qemu-nbd has none and serves a raw file in /dev/shm instead.
 - TLS: pre-shared keys; each server negotiates its preferred cipher suite
