@@ -497,7 +497,7 @@ How each row is measured:
   sendto whatever the server, and how fast those system calls go depends
   on what the server's thread does on the other CPU (a server thread
   woken from sleep by the client's send makes that send dearer). This is
-  why the memory random-read IOPS swing by up to ±30% between rounds for
+  why the memory random-read IOPS swing by up to ±30%% between rounds for
   every server, and why a server that spends less CPU per read does not
   get more IOPS here.
 - The memory rows use each server's RAM disk (nbdserve `memory`, nbdkit
