@@ -131,8 +131,6 @@ void conn_free(struct conn *conn)
   free(conn);
 }
 
-/* Loop thread: a slot for a new request, or NULL when too many are in
- * flight (the caller then stops reading). */
 void request_set_weight(struct request *req, uint64_t bytes)
 {
   struct conn *conn = req->conn;
@@ -142,12 +140,14 @@ void request_set_weight(struct request *req, uint64_t bytes)
   pthread_mutex_unlock(&conn->lock);
 }
 
+/* Loop thread: a slot for a new request, or NULL when too much is in
+ * flight (the caller then stops reading). */
 struct request *request_get(struct conn *conn)
 {
   struct request *req;
 
   pthread_mutex_lock(&conn->lock);
-  if (conn->in_flight >= MAX_IN_FLIGHT || conn->in_flight_bytes >= MAX_IN_FLIGHT_BYTES) {
+  if (!conn_has_room(conn)) {
     pthread_mutex_unlock(&conn->lock);
     return NULL;
   }

@@ -147,6 +147,13 @@ struct conn {
   struct conn *next_kick;
 };
 
+/* conn->lock held: may the connection take one more request, as far as
+ * the requests and data already in flight go? */
+static inline bool conn_has_room(const struct conn *conn)
+{
+  return conn->in_flight < MAX_IN_FLIGHT && conn->in_flight_bytes < MAX_IN_FLIGHT_BYTES;
+}
+
 /* conn.c */
 extern struct conn *conn_new(int rfd, int wfd);
 extern void conn_free(struct conn *conn);

@@ -106,7 +106,6 @@ static char *read_string(struct reader *r, uint32_t max)
 
 /* ---- Opening an export -------------------------------------------------- */
 
-
 static char *resolve_export_name(const char *name)
 {
   if (name[0] == '\0') {

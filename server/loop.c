@@ -172,7 +172,7 @@ static bool may_read(struct conn *conn)
     return true;
   bool ok;
   pthread_mutex_lock(&conn->lock);
-  ok = conn->in_flight < MAX_IN_FLIGHT && conn->in_flight_bytes < MAX_IN_FLIGHT_BYTES;
+  ok = conn_has_room(conn);
   pthread_mutex_unlock(&conn->lock);
   pthread_mutex_lock(&conn->send_lock);
   ok = ok && conn->queued_bytes < MAX_QUEUED_BYTES;

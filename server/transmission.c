@@ -476,10 +476,14 @@ static bool batch_is_full(struct conn *conn)
   return full;
 }
 
+static size_t request_header_size(const struct conn *conn)
+{
+  return conn->extended ? sizeof(struct nbd_extended_request) : sizeof(struct nbd_request);
+}
+
 bool transmission_input(struct conn *conn)
 {
-  size_t hsize = conn->extended ? sizeof(struct nbd_extended_request)
-                                : sizeof(struct nbd_request);
+  size_t hsize = request_header_size(conn);
 
   while (conn->state == CONN_TRANSMISSION && conn->partial == NULL) {
     if (available(conn) < hsize)
@@ -552,9 +556,7 @@ bool transmission_input(struct conn *conn)
 
 bool transmission_input_exhausted(const struct conn *conn)
 {
-  size_t hsize = conn->extended ? sizeof(struct nbd_extended_request)
-                                : sizeof(struct nbd_request);
-  return conn->partial != NULL || available(conn) < hsize;
+  return conn->partial != NULL || available(conn) < request_header_size(conn);
 }
 
 void transmission_read_payload(struct conn *conn)

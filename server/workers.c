@@ -71,7 +71,6 @@ static bool helper_worth_waking(void)
   return (uint64_t) queued * job_ns / awake > WAKE_WORTH_NS;
 }
 
-
 static void *worker_main(void *arg)
 {
   (void) arg;
