@@ -45,9 +45,7 @@ h2.shutdown()
 t.stop()
 
 # ---- SIGKILL after an acknowledged flush (file plugin) ---------------------------
-disk = os.path.join(t.tmp, "disk.img")
-with open(disk, "wb") as f:
-    f.truncate(64 << 20)
+disk = nbdtest.sparse_file(os.path.join(t.tmp, "disk.img"), 64 << 20)
 uri = t.server("kill1", "file", disk)
 h = t.connect(uri)
 data = os.urandom(4 << 20)
@@ -73,9 +71,7 @@ if not mounted:
         t.skip("mounting a small tmpfs needs root")
 else:
     try:
-        small = os.path.join(mnt, "sparse.img")
-        with open(small, "wb") as f:
-            f.truncate(64 << 20)
+        small = nbdtest.sparse_file(os.path.join(mnt, "sparse.img"), 64 << 20)
         uri = t.server("enospc", "file", small)
         h = t.connect(uri)
         first = os.urandom(1 << 20)

@@ -123,9 +123,7 @@ for o in others:
 h.shutdown()
 
 # The same with the file plugin.
-path = os.path.join(t.tmp, "disk.img")
-with open(path, "wb") as f:
-    f.truncate(64 << 20)
+path = nbdtest.sparse_file(os.path.join(t.tmp, "disk.img"), 64 << 20)
 uri = t.server("file", "file", path)
 h = t.connect(uri)
 pipelined(t, h, "file")

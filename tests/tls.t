@@ -334,8 +334,7 @@ t.stop()
 exports_dir = os.path.join(tmp, "exports")
 os.mkdir(exports_dir)
 for name in ("alice-disk", "bob-disk", "shared"):
-    with open(os.path.join(exports_dir, name), "wb") as f:
-        f.truncate(1 << 20)
+    nbdtest.sparse_file(os.path.join(exports_dir, name), 1 << 20)
 uri = t.server("ident", "--tls=require", "--tls-psk=" + psk_file, "--filter=identity",
                "file", "dir=" + exports_dir, "allow=alice-*:alice", "allow=bob-*:bob",
                "allow=shared:*")

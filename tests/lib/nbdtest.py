@@ -190,6 +190,13 @@ def errno_of(fn):
 
 
 # ---- Raw protocol, for what libnbd will not do -------------------------------
+def sparse_file(path, size):
+    """Create PATH as a file of SIZE bytes with no data in it; returns PATH."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
+
+
 def recv_exactly(s, n):
     """N bytes from socket S; EOFError if the server closes first."""
     buf = b""
