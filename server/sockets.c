@@ -112,16 +112,36 @@ static void open_unix(int **fds, size_t *n)
 
   remove_stale_socket(given, &addr);
 
+  /* Clients wait for the file to appear and connect at once: between
+   * bind() and listen() they would be refused.  So the socket is bound
+   * under a temporary name beside the real one, and renamed into place
+   * once it listens.  (A name too long for that is bound directly.) */
+  struct sockaddr_un bound = addr;
+  char *temp = NULL;
+  if (asprintf(&temp, "%s.%ld~", given, (long) getpid()) < 0)
+    die("out of memory");
+  bool use_temp = strlen(temp) < sizeof bound.sun_path;
+  if (use_temp) {
+    memcpy(bound.sun_path, temp, strlen(temp) + 1);
+    unlink(temp); /* left by a server that died with our pid */
+  }
+
   int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
   if (fd == -1)
     die("cannot create a Unix socket: %s", strerror(errno));
   /* The file's mode comes from the umask, as for any file we create. */
-  if (bind(fd, (const struct sockaddr *) &addr, sizeof addr) == -1)
-    die("cannot bind %s: %s", given, strerror(errno));
+  if (bind(fd, (const struct sockaddr *) &bound, sizeof bound) == -1)
+    die("cannot bind %s: %s", bound.sun_path, strerror(errno));
+  if (listen(fd, SOMAXCONN) == -1)
+    die("cannot listen on %s: %s", bound.sun_path, strerror(errno));
+  if (use_temp && rename(temp, given) == -1) {
+    int err = errno;
+    unlink(temp);
+    die("cannot rename %s to %s: %s", temp, given, strerror(err));
+  }
+  free(temp);
   socket_path = absolute(given);
   free(given);
-  if (listen(fd, SOMAXCONN) == -1)
-    die("cannot listen on %s: %s", socket_path, strerror(errno));
 
   opt.unix_socket = socket_path; /* what $unixsocket and $uri show */
   add_fd(fds, n, fd);

@@ -3,7 +3,7 @@
 # lines, each refused with a clear message and exit status 1, never a
 # crash, a hang or a server left running.
 . "$(dirname "$0")/lib/functions.sh"
-plan 30
+plan 31
 
 out=$(nbdserve --version 2>&1); rc=$?
 like "--version: name and version, exit 0" "$rc $out" '^0 nbdserve [0-9]+\.[0-9]+'
@@ -65,4 +65,29 @@ sleep 0.5
 if kill -0 $pid 2> /dev/null; then stop_pid $pid; fi
 wait $pid 2> /dev/null
 is "-U on an existing regular file: refused, the file kept" "$(cat "$tmp/file-not-socket")" precious
+
+# The socket file appears only once the server listens: a client that
+# connects the moment it sees the file is never refused.  20 starts,
+# each probed as fast as Python can look.
+"$PYTHON" - "$NBDSERVE" "$tmp" > "$tmp/appear.out" 2>&1 <<'PY'
+import os, socket, subprocess, sys
+binary, tmp = sys.argv[1:3]
+refused = 0
+for i in range(20):
+    path = os.path.join(tmp, "appear%d.sock" % i)
+    p = subprocess.Popen([binary, "-f", "-U", path, "memory", "1M"], stderr=subprocess.DEVNULL)
+    while not os.path.exists(path) and p.poll() is None:
+        pass
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.connect(path)
+    except ConnectionRefusedError:
+        refused += 1
+    s.close()
+    p.terminate()
+    p.wait()
+print("refused %d" % refused)
+PY
+is "-U: a client connecting as soon as the socket file exists is accepted (20 starts)" \
+    "$(cat "$tmp/appear.out")" "refused 0"
 finish
