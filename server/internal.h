@@ -12,6 +12,7 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <sys/types.h>
+#include <time.h>
 
 #include "nbdserve-filter.h"
 #include "nbdserve-plugin.h"
@@ -48,6 +49,7 @@ struct options {
   unsigned threads; /* -t N: worker threads */
   double handshake_timeout; /* --handshake-timeout SECONDS; 0 = no limit */
   unsigned max_connections; /* --max-connections N; 0 = no limit */
+  unsigned busy_poll_us; /* --busy-poll US; 0 = never spin */
   enum tls_mode tls;
   const char *tls_certificates;
   const char *tls_psk;
@@ -177,6 +179,13 @@ extern const char *contexts_name(const struct nbdserve_contexts *, size_t i);
  * the list holds at most EXTENTS_MAX descriptors. */
 #define EXTENTS_MAX (1u << 20)
 
+static inline uint64_t now_ns(void)
+{
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (uint64_t) ts.tv_sec * 1000000000 + (uint64_t) ts.tv_nsec;
+}
+
 /* ---- workers.c: the thread pool ------------------------------------------- */
 struct job {
   void (*run)(struct job *job);
@@ -192,6 +201,18 @@ extern void workers_submit(struct job *job);
  * true while jobs are still queued (call again later). */
 extern bool workers_nudge(void);
 extern void workers_stop(void); /* finish queued jobs, join */
+
+/* ---- busypoll.c: spinning the loop thread under heavy load -------------- */
+#define BUSY_POLL_DEFAULT_US 20
+#define BUSY_POLL_MAX_US 1000
+struct ev_loop;
+/* Spin while the loop's idle time between inputs is under IDLE_LIMIT_US;
+ * 0 turns busy polling off. */
+extern void busy_poll_setup(struct ev_loop *loop, unsigned idle_limit_us);
+/* Around the handling of each input: returns the time to pass back. */
+extern uint64_t busy_poll_work_begins(void);
+extern void busy_poll_work_ends(uint64_t began);
+extern void busy_poll_report(void); /* debug: what it did */
 
 /* ---- loop.c / conn.c / handshake.c / transmission.c --------------------- */
 extern int serve(const int *listen_fds, size_t nfds); /* runs the loop; returns exit status */

@@ -435,11 +435,13 @@ static void read_cb(struct ev_loop *l, ev_io *w, int revents)
 {
   (void) l, (void) revents;
   struct conn *conn = w->data;
+  uint64_t began = busy_poll_work_begins();
   if (conn->state == CONN_TLS_HANDSHAKE)
     conn_tls_handshake(conn);
   else
     conn_read(conn);
   conn_service(conn);
+  busy_poll_work_ends(began);
 }
 
 static void write_cb(struct ev_loop *l, ev_io *w, int revents)
@@ -685,6 +687,9 @@ static void loop_setup(void)
   run_inline = chain_never_blocks();
   if (!run_inline)
     workers_start(opt.threads);
+  /* Workers finish requests on other threads and wake the loop with
+   * ev_async; spinning would take a CPU from them. */
+  busy_poll_setup(loop, run_inline ? opt.busy_poll_us : 0);
   nbdserve_debug("thread model %d, requests run %s", thread_model,
                  run_inline ? "on the loop thread" : "on worker threads");
 
@@ -759,6 +764,7 @@ int serve(const int *listen_fds, size_t nfds)
 
   if (!run_inline)
     workers_stop();
+  busy_poll_report();
   for (size_t i = 0; i < nfds; i++)
     close(listen_fds[i]);
   free(listen_watchers);

@@ -42,6 +42,7 @@ enum {
   OPT_TLS_VERIFY_PEER,
   OPT_DUMP_PLUGIN,
   OPT_HANDSHAKE_TIMEOUT,
+  OPT_BUSY_POLL,
   OPT_MAX_CONNECTIONS,
   OPT_TLS_STRICT_KEYS,
   OPT_ALLOW,
@@ -78,6 +79,7 @@ static const struct option long_options[] = {
   { "dump-plugin", no_argument, NULL, OPT_DUMP_PLUGIN },
   { "handshake-timeout", required_argument, NULL, OPT_HANDSHAKE_TIMEOUT },
   { "max-connections", required_argument, NULL, OPT_MAX_CONNECTIONS },
+  { "busy-poll", required_argument, NULL, OPT_BUSY_POLL },
   { "tls-strict-keys", no_argument, NULL, OPT_TLS_STRICT_KEYS },
   { "user", required_argument, NULL, 'u' },
   { "group", required_argument, NULL, 'g' },
@@ -125,6 +127,9 @@ static void usage(FILE *fp)
 "                            (default 0: no limit)\n"
 "      --handshake-timeout S close a client that has not finished the\n"
 "                            handshake after S seconds (default 10, 0: never)\n"
+"      --busy-poll US        under heavy load, poll instead of sleeping while\n"
+"                            requests arrive less than US microseconds apart\n"
+"                            (default 20, 0: never; see docs/nbdserve.md)\n"
 "  -u, --user USER           run as USER once the sockets are bound\n"
 "  -g, --group GROUP         run as GROUP (default: USER's group)\n"
 "\n"
@@ -213,6 +218,17 @@ static unsigned parse_max_connections(const char *arg)
   long n = strtol(arg, &end, 10);
   if (errno != 0 || end == arg || *end != '\0' || n < 0 || n > 1000000)
     die("--max-connections: '%s' is not a number from 0 (no limit) to 1000000", arg);
+  return (unsigned) n;
+}
+
+static unsigned parse_busy_poll(const char *arg)
+{
+  char *end;
+  errno = 0;
+  long n = strtol(arg, &end, 10);
+  if (errno != 0 || end == arg || *end != '\0' || n < 0 || n > BUSY_POLL_MAX_US)
+    die("--busy-poll: '%s' is not a number of microseconds from 0 (never) to %d", arg,
+        BUSY_POLL_MAX_US);
   return (unsigned) n;
 }
 
@@ -342,6 +358,7 @@ static void parse_options(int argc, char **argv, struct command *cmd)
     case OPT_DENY: acl_add(false, optarg); break;
     case OPT_DUMP_PLUGIN: cmd->dump_plugin = true; break;
     case OPT_HANDSHAKE_TIMEOUT: opt.handshake_timeout = parse_handshake_timeout(optarg); break;
+    case OPT_BUSY_POLL: opt.busy_poll_us = parse_busy_poll(optarg); break;
     case OPT_MAX_CONNECTIONS: opt.max_connections = parse_max_connections(optarg); break;
     case ':':
       die("option '%s' needs a value; try 'nbdserve --help'", argv[optind - 1]);
@@ -455,6 +472,7 @@ int main(int argc, char **argv)
   struct command cmd = { 0 };
 
   opt.handshake_timeout = 10; /* seconds, unless --handshake-timeout says otherwise */
+  opt.busy_poll_us = BUSY_POLL_DEFAULT_US;
   parse_options(argc, argv, &cmd);
 
   if (cmd.version) {

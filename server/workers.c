@@ -39,13 +39,6 @@ static bool stopping;
 static pthread_t *threads;
 static unsigned nr_threads;
 
-static uint64_t now_ns(void)
-{
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (uint64_t) ts.tv_sec * 1000000000 + (uint64_t) ts.tv_nsec;
-}
-
 /* Smoothed over about eight jobs, but a long job counts at once: the
  * pool must spread out as soon as the backend starts blocking. */
 static void note_job_time(uint64_t ns)
