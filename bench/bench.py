@@ -495,11 +495,12 @@ How each row is measured:
   the requests served) show what each request costs the server. fio
   never sleeps there: each I/O costs it one poll, four recvfrom and one
   sendto whatever the server, and how fast those system calls go depends
-  on what the server's thread does on the other CPU (a server thread
-  woken from sleep by the client's send makes that send dearer). This is
-  why the memory random-read IOPS swing by up to ±30%% between rounds for
-  every server, and why a server that spends less CPU per read does not
-  get more IOPS here.
+  on what the server's thread does on the other CPU: a send that has to
+  wake a sleeping server thread is dearer. With the memory plugin,
+  nbdserve's thread polls instead of sleeping under this load
+  (`--busy-poll`, on by default; see nbdserve.md), and its CPU time then
+  includes the polling. The memory random-read IOPS still swing by up to
+  ±30%% between rounds for every server, with the load on the machine.
 - The memory rows use each server's RAM disk (nbdserve `memory`, nbdkit
   `memory`); qemu-nbd has none and serves a raw file in /dev/shm instead.
 - TLS: pre-shared keys; each server negotiates its preferred cipher suite
