@@ -170,14 +170,28 @@ pid_t captive_start(void)
 
 /* ---- --exit-with-parent ---------------------------------------------------- */
 
-static void follow_parent(void)
+static pid_t original_parent;
+
+void note_parent(void)
 {
-  pid_t parent = getppid();
+  original_parent = getppid();
+}
+
+/* Armed after the privileges are dropped: the kernel forgets the death
+ * signal when the process's user or group changes.  The parent may have
+ * died before that (the server starts slowly, the parent left once the
+ * socket appeared): then no signal will ever come, and we must notice by
+ * ourselves.  Our parent is then whoever adopted us, init or a
+ * subreaper, so compare with the parent we started with.  A parent that
+ * left even before main ran leaves us with init as the parent we
+ * started with: that counts as gone too. */
+void follow_parent(void)
+{
+  if (!opt.exit_with_parent)
+    return;
   if (prctl(PR_SET_PDEATHSIG, SIGTERM) == -1)
     die("--exit-with-parent: prctl: %s", strerror(errno));
-  /* The parent may have died before prctl took effect: then no signal
-   * will ever come, and we must notice by ourselves. */
-  if (parent == 1 || getppid() != parent) {
+  if (getppid() != original_parent || original_parent == 1) {
     nbdserve_debug("--exit-with-parent: the parent has already exited");
     request_shutdown();
   }
@@ -214,8 +228,6 @@ static void redirect(int target, int flags)
 
 void daemonize(void)
 {
-  if (opt.exit_with_parent)
-    follow_parent();
   if (opt.foreground || opt.run || opt.single)
     return;
 

@@ -95,7 +95,9 @@ extern void remove_unix_socket(void); /* unlink it (and the private dir) at exit
 extern char *listen_uri(void);
 /* Start opt.run with $uri, $unixsocket, $port, $exportname set; returns its pid. */
 extern pid_t captive_start(void);
-extern void daemonize(void); /* unless -f; also handles -P and --exit-with-parent */
+extern void daemonize(void); /* unless -f; also handles -P */
+extern void note_parent(void); /* first thing in main, for follow_parent */
+extern void follow_parent(void); /* --exit-with-parent, once privileges are dropped */
 extern void write_pidfile(void);
 
 /* ---- plugins.c: loading the chain of layers ----------------------------- */

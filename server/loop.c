@@ -758,8 +758,11 @@ int serve(const int *listen_fds, size_t nfds)
     ev_child_start(loop, &captive_watcher);
   }
 
+  /* Told to stop before the loop ran (--exit-with-parent whose parent
+   * already left, a signal during start-up): stop from inside the loop,
+   * since ev_run forgets an ev_break made before it started. */
   if (shutdown_requested)
-    begin_shutdown();
+    ev_async_send(loop, &shutdown_watcher);
   ev_run(loop, 0);
 
   if (!run_inline)

@@ -471,6 +471,7 @@ int main(int argc, char **argv)
 {
   struct command cmd = { 0 };
 
+  note_parent();
   opt.handshake_timeout = 10; /* seconds, unless --handshake-timeout says otherwise */
   opt.busy_poll_us = BUSY_POLL_DEFAULT_US;
   parse_options(argc, argv, &cmd);
@@ -524,6 +525,7 @@ int main(int argc, char **argv)
   daemonize();
   server_pid = getpid();
   drop_privileges();
+  follow_parent();
 
   if (chain_get_ready() == -1)
     exit(EXIT_FAILURE);

@@ -4,7 +4,7 @@
 # stdin/stdout, daemonizing, --exit-with-parent.
 . "$(dirname "$0")/lib/functions.sh"
 requires nbdinfo nbdsh
-plan 16
+plan 18
 
 nbdserve -U - memory 1M --run 'exit 7'
 is "--run: the command's exit status is the server's" "$?" 7
@@ -64,12 +64,36 @@ if [ -n "$daemon" ] && ! kill -0 "$daemon" 2> /dev/null; then ok "daemon: stops 
 else not_ok "daemon: stops on SIGTERM (pid '$daemon')"; fi
 
 # --exit-with-parent: the server goes when the shell that started it does.
-( "$NBDSERVE" --exit-with-parent -U "$tmp/ewp.sock" memory 1M 2> "$tmp/ewp.log" &
-  echo $! > "$tmp/ewp.child"
-  wait_for_socket "$tmp/ewp.sock" $! )
-ewp=$(cat "$tmp/ewp.child" 2> /dev/null)
-[ -n "$ewp" ] && server_pids+=("$ewp")
-for _ in $(seq 100); do [ -n "$ewp" ] && kill -0 "$ewp" 2> /dev/null || break; sleep 0.05; done
-if [ -n "$ewp" ] && ! kill -0 "$ewp" 2> /dev/null; then ok "--exit-with-parent: gone with its parent"
-else not_ok "--exit-with-parent: still running after its parent exited (pid '$ewp')"; fi
+# gone PID: true once PID has exited (a zombie not yet reaped by whoever
+# adopted it counts as exited), waiting up to 10 s.
+gone() {
+    local _
+    for _ in $(seq 200); do
+        case $(ps -o stat= -p "$1" 2> /dev/null) in ''|Z*) return 0;; esac
+        sleep 0.05
+    done
+    return 1
+}
+# exit_with_parent NAME WAIT ARGS...: a subshell starts the server with
+# ARGS, waits for its socket if WAIT is "wait", and exits.
+exit_with_parent() {
+    local name=$1 wait=$2 pid; shift 2
+    ( "$NBDSERVE" --exit-with-parent -U "$tmp/$name.sock" "$@" 2> "$tmp/$name.log" &
+      echo $! > "$tmp/$name.child"
+      [ "$wait" != wait ] || wait_for_socket "$tmp/$name.sock" $! )
+    pid=$(cat "$tmp/$name.child" 2> /dev/null)
+    [ -n "$pid" ] && server_pids+=("$pid")
+    if [ -n "$pid" ] && gone "$pid"; then ok "--exit-with-parent ($name): gone with its parent"
+    else not_ok "--exit-with-parent ($name): still running after its parent exited (pid '$pid')"
+        diag_file "$tmp/$name.log"; fi
+}
+exit_with_parent ready wait memory 1M
+# The parent leaves before the server is ready: no signal will come.
+exit_with_parent early nowait memory 1M
+# Changing user clears the death signal: it must be armed after -u.
+if [ "$(id -u)" = 0 ] && id nobody > /dev/null 2>&1; then
+    exit_with_parent as-nobody wait -u nobody memory 1M
+else
+    skip "-u nobody needs root"
+fi
 finish
