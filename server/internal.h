@@ -199,6 +199,10 @@ struct job {
 #define JOB_WAIT_LIMIT_NS 1000000
 extern void workers_start(unsigned nthreads);
 extern void workers_submit(struct job *job);
+/* Loop thread: between these, submitted jobs are held back, then queued
+ * together (one lock, the wake-ups decided for the whole batch). */
+extern void workers_hold(void);
+extern void workers_release(void);
 /* Wake a worker for a job that has waited JOB_WAIT_LIMIT_NS; returns
  * true while jobs are still queued (call again later). */
 extern bool workers_nudge(void);

@@ -187,11 +187,16 @@ static void conn_consume(struct conn *conn)
   bool ok = true;
   if (conn->state == CONN_TRANSMISSION) {
     /* Requests run right here when the chain never blocks: gather their
-     * replies and send them with one writev in conn_service. */
+     * replies and send them with one writev in conn_service.  Otherwise
+     * the requests parsed from this read go to the workers together. */
     pthread_mutex_lock(&conn->send_lock);
     conn->batching = run_inline;
     pthread_mutex_unlock(&conn->send_lock);
+    if (!run_inline)
+      workers_hold();
     ok = transmission_input(conn);
+    if (!run_inline)
+      workers_release();
     pthread_mutex_lock(&conn->send_lock);
     conn->batching = false;
     pthread_mutex_unlock(&conn->send_lock);

@@ -111,23 +111,58 @@ void workers_start(unsigned nthreads)
   pthread_mutex_unlock(&queue_lock);
 }
 
+/* Jobs the loop thread parsed from one read, held back so that they
+ * enter the queue under one lock and the wake-ups are decided for the
+ * whole batch (see workers_hold).  Loop thread only. */
+static struct job *held_head, *held_tail;
+static unsigned nr_held;
+static bool holding;
+
+void workers_hold(void)
+{
+  holding = true;
+}
+
+void workers_release(void)
+{
+  holding = false;
+  if (held_head == NULL)
+    return;
+  pthread_mutex_lock(&queue_lock);
+  if (queue_tail)
+    queue_tail->next = held_head;
+  else
+    queue_head = held_head;
+  queue_tail = held_tail;
+  queued += nr_held;
+  unsigned wake = 0;
+  while (helper_worth_waking()) {
+    signalled++;
+    wake++;
+  }
+  pthread_mutex_unlock(&queue_lock);
+  held_head = held_tail = NULL;
+  nr_held = 0;
+  while (wake-- > 0)
+    pthread_cond_signal(&queue_cond);
+}
+
 void workers_submit(struct job *job)
 {
   job->next = NULL;
   job->queued_at = now_ns();
-  pthread_mutex_lock(&queue_lock);
-  if (queue_tail)
-    queue_tail->next = job;
-  else
-    queue_head = job;
-  queue_tail = job;
-  queued++;
-  bool wake = helper_worth_waking();
-  if (wake)
-    signalled++;
-  pthread_mutex_unlock(&queue_lock);
-  if (wake)
-    pthread_cond_signal(&queue_cond);
+  if (holding) {
+    if (held_tail)
+      held_tail->next = job;
+    else
+      held_head = job;
+    held_tail = job;
+    nr_held++;
+    return;
+  }
+  workers_hold();
+  workers_submit(job);
+  workers_release();
 }
 
 bool workers_nudge(void)
