@@ -28,6 +28,9 @@
 /* A gap longer than this counts as this much: one pause after a burst
  * must not keep the average high for long. */
 #define GAP_SAMPLE_CAP_NS 1000000
+/* Likewise, one long callback (a large request, or the thread was
+ * preempted) says nothing about how soon the next input comes. */
+#define WORK_SAMPLE_CAP_NS 100000
 #define SPIN_MIN_NS 2000
 
 static struct ev_loop *poll_loop;
@@ -104,7 +107,7 @@ void busy_poll_work_ends(uint64_t began)
   if (idle_limit_ns == 0)
     return;
   uint64_t now = now_ns();
-  uint64_t work = now - began;
+  uint64_t work = MIN(now - began, WORK_SAMPLE_CAP_NS);
   work_ns = work_ns - work_ns / 8 + work / 8;
 
   /* How long the loop will likely sit idle before the next input. */
