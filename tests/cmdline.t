@@ -3,12 +3,19 @@
 # lines, each refused with a clear message and exit status 1, never a
 # crash, a hang or a server left running.
 . "$(dirname "$0")/lib/functions.sh"
-plan 31
+plan 32
 
 out=$(nbdserve --version 2>&1); rc=$?
 like "--version: name and version, exit 0" "$rc $out" '^0 nbdserve [0-9]+\.[0-9]+'
 out=$(nbdserve --help 2>&1); rc=$?
 like "--help: usage with the main options, exit 0" "$rc $(echo "$out" | grep -c -e '--run' -e '-U' -e '--filter')" '^0 [3-9]'
+# Every option --help shows has its entry in docs/nbdserve.md (a line
+# that starts with the option's name in backquotes).
+undocumented=
+for o in $(echo "$out" | grep -oE '^ +(-[a-zA-Z], )?--[a-z-]+' | grep -oE -- '--[a-z-]+'); do
+    grep -qE "^\`(.*\`)?$o( |=|\`)" "$top/docs/nbdserve.md" || undocumented="$undocumented $o"
+done
+is "--help: every option is documented in docs/nbdserve.md" "$undocumented" ""
 out=$(nbdserve --help memory 2>&1); rc=$?
 like "--help PLUGIN: the plugin's parameters" "$rc $(echo "$out" | grep -c '^size=')" '^0 1$'
 out=$(nbdserve --dump-plugin memory 2>&1); rc=$?
