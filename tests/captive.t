@@ -48,22 +48,6 @@ h.connect_command(["'"$NBDSERVE"'", "-s", "memory", "2M"])
 h.pwrite(b"single", 0)
 print(h.get_size(), h.pread(6, 0).decode())')" "2097152 single"
 
-# Without -f: the server daemonizes; the pidfile names the daemon.
-"$NBDSERVE" -U "$tmp/daemon.sock" -P "$tmp/daemon.pid" memory 1M 2> "$tmp/daemon.log"
-rc=$?
-for _ in $(seq 200); do [ -s "$tmp/daemon.pid" ] && [ -S "$tmp/daemon.sock" ] && break; sleep 0.05; done
-daemon=$(cat "$tmp/daemon.pid" 2> /dev/null)
-[ -n "$daemon" ] && server_pids+=("$daemon")
-is "daemon: the command returns 0 and the daemon serves" \
-   "$rc $(nbdinfo --size "nbd+unix:///?socket=$tmp/daemon.sock" 2>&1)" "0 1048576"
-if [ -n "$daemon" ]; then
-    kill "$daemon"
-    for _ in $(seq 200); do kill -0 "$daemon" 2> /dev/null || break; sleep 0.05; done
-fi
-if [ -n "$daemon" ] && ! kill -0 "$daemon" 2> /dev/null; then ok "daemon: stops on SIGTERM"
-else not_ok "daemon: stops on SIGTERM (pid '$daemon')"; fi
-
-# --exit-with-parent: the server goes when the shell that started it does.
 # gone PID: true once PID has exited (a zombie not yet reaped by whoever
 # adopted it counts as exited), waiting up to 10 s.
 gone() {
@@ -74,6 +58,20 @@ gone() {
     done
     return 1
 }
+
+# Without -f: the server daemonizes; the pidfile names the daemon.
+"$NBDSERVE" -U "$tmp/daemon.sock" -P "$tmp/daemon.pid" memory 1M 2> "$tmp/daemon.log"
+rc=$?
+for _ in $(seq 200); do [ -s "$tmp/daemon.pid" ] && [ -S "$tmp/daemon.sock" ] && break; sleep 0.05; done
+daemon=$(cat "$tmp/daemon.pid" 2> /dev/null)
+[ -n "$daemon" ] && server_pids+=("$daemon")
+is "daemon: the command returns 0 and the daemon serves" \
+   "$rc $(nbdinfo --size "nbd+unix:///?socket=$tmp/daemon.sock" 2>&1)" "0 1048576"
+[ -n "$daemon" ] && kill "$daemon"
+if [ -n "$daemon" ] && gone "$daemon"; then ok "daemon: stops on SIGTERM"
+else not_ok "daemon: stops on SIGTERM (pid '$daemon')"; fi
+
+# --exit-with-parent: the server goes when the shell that started it does.
 # exit_with_parent NAME WAIT ARGS...: a subshell starts the server with
 # ARGS, waits for its socket if WAIT is "wait", and exits.
 exit_with_parent() {
