@@ -192,11 +192,9 @@ static void conn_consume(struct conn *conn)
     pthread_mutex_lock(&conn->send_lock);
     conn->batching = run_inline;
     pthread_mutex_unlock(&conn->send_lock);
-    if (!run_inline)
-      workers_hold();
+    workers_hold();
     ok = transmission_input(conn);
-    if (!run_inline)
-      workers_release();
+    workers_release();
     pthread_mutex_lock(&conn->send_lock);
     conn->batching = false;
     pthread_mutex_unlock(&conn->send_lock);
