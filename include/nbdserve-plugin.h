@@ -95,6 +95,14 @@ struct nbdserve_plugin {
   int (*meta_extents)(void *handle, const char *context, uint64_t count, uint64_t offset,
                       uint32_t flags, struct nbdserve_extents *extents);
 
+  /* ---- Life cycle, continued ---- */
+  /* Whether, with the configuration given, no callback can block: the
+   * promise of NBDSERVE_PLUGIN_NEVER_BLOCKS, for a plugin that only knows
+   * after config_complete (e.g. a file that turns out to live in RAM).
+   * Called once, after get_ready; returns 1 or 0.  When set, it decides
+   * instead of the flag. */
+  int (*never_blocks)(void);
+
   /* New fields are appended here only. */
 };
 

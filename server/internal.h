@@ -50,6 +50,7 @@ struct options {
   double handshake_timeout; /* --handshake-timeout SECONDS; 0 = no limit */
   unsigned max_connections; /* --max-connections N; 0 = no limit */
   unsigned busy_poll_us; /* --busy-poll US; 0 = never spin */
+  bool no_inline; /* --no-inline: worker threads even for a chain that never blocks */
   enum tls_mode tls;
   const char *tls_certificates;
   const char *tls_psk;

@@ -687,14 +687,15 @@ static void loop_setup(void)
   loop_thread = pthread_self();
 
   thread_model = chain_thread_model();
-  run_inline = chain_never_blocks();
+  run_inline = !opt.no_inline && chain_never_blocks();
   if (!run_inline)
     workers_start(opt.threads);
   /* Workers finish requests on other threads and wake the loop with
    * ev_async; spinning would take a CPU from them. */
   busy_poll_setup(loop, run_inline ? opt.busy_poll_us : 0);
   nbdserve_debug("thread model %d, requests run %s", thread_model,
-                 run_inline ? "on the loop thread" : "on worker threads");
+                 run_inline ? "on the loop thread"
+                 : opt.no_inline ? "on worker threads (--no-inline)" : "on worker threads");
 
   ev_timer_init(&nudge_timer, nudge_cb, JOB_WAIT_LIMIT_NS / 1e9, JOB_WAIT_LIMIT_NS / 1e9);
   ev_async_init(&kick_watcher, kick_cb);

@@ -47,6 +47,7 @@ enum {
   OPT_TLS_STRICT_KEYS,
   OPT_ALLOW,
   OPT_DENY,
+  OPT_NO_INLINE,
 };
 
 /* The leading ':' makes getopt report a missing argument as ':' and stay
@@ -80,6 +81,7 @@ static const struct option long_options[] = {
   { "handshake-timeout", required_argument, NULL, OPT_HANDSHAKE_TIMEOUT },
   { "max-connections", required_argument, NULL, OPT_MAX_CONNECTIONS },
   { "busy-poll", required_argument, NULL, OPT_BUSY_POLL },
+  { "no-inline", no_argument, NULL, OPT_NO_INLINE },
   { "tls-strict-keys", no_argument, NULL, OPT_TLS_STRICT_KEYS },
   { "user", required_argument, NULL, 'u' },
   { "group", required_argument, NULL, 'g' },
@@ -123,6 +125,8 @@ static void usage(FILE *fp)
 "      --exit-with-parent    stop when the parent process exits (implies -f)\n"
 "  -P, --pidfile FILE        write the server's PID to FILE once it is ready\n"
 "  -t, --threads N           worker threads (default: 2 per CPU, at least 4)\n"
+"      --no-inline           run requests on worker threads even when the\n"
+"                            plugin and filters never block\n"
 "      --max-connections N   serve at most N clients at once; more are refused\n"
 "                            (default 0: no limit)\n"
 "      --handshake-timeout S close a client that has not finished the\n"
@@ -359,6 +363,7 @@ static void parse_options(int argc, char **argv, struct command *cmd)
     case OPT_DUMP_PLUGIN: cmd->dump_plugin = true; break;
     case OPT_HANDSHAKE_TIMEOUT: opt.handshake_timeout = parse_handshake_timeout(optarg); break;
     case OPT_BUSY_POLL: opt.busy_poll_us = parse_busy_poll(optarg); break;
+    case OPT_NO_INLINE: opt.no_inline = true; break;
     case OPT_MAX_CONNECTIONS: opt.max_connections = parse_max_connections(optarg); break;
     case ':':
       die("option '%s' needs a value; try 'nbdserve --help'", argv[optind - 1]);

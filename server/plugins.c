@@ -285,9 +285,17 @@ int chain_thread_model(void)
   return model;
 }
 
+/* Whether the plugin, as configured, keeps the NEVER_BLOCKS promise. */
+static bool plugin_never_blocks(const struct nbdserve_plugin *p)
+{
+  if (p->never_blocks)
+    return p->never_blocks() == 1;
+  return p->flags & NBDSERVE_PLUGIN_NEVER_BLOCKS;
+}
+
 bool chain_never_blocks(void)
 {
-  if (!(plugin_layer->plugin.flags & NBDSERVE_PLUGIN_NEVER_BLOCKS))
+  if (!plugin_never_blocks(&plugin_layer->plugin))
     return false;
   for (struct layer *l = top_layer; l && !l->is_plugin; l = l->below)
     if (!(l->filter.flags & NBDSERVE_FILTER_NEVER_BLOCKS))
@@ -319,7 +327,9 @@ static void dump_plugin(FILE *fp, const struct layer *l)
     fprintf(fp, "version=%s\n", p->version);
   fprintf(fp, "api_version=%u\nstruct_size=%u\n", p->api_version, p->struct_size);
   fprintf(fp, "thread_model=%s\n", thread_model_name(p->thread_model));
-  fprintf(fp, "never_blocks=%d\n", (p->flags & NBDSERVE_PLUGIN_NEVER_BLOCKS) != 0);
+  /* A plugin with the callback decides only once it is configured. */
+  fprintf(fp, "never_blocks=%s\n", p->never_blocks ? "config"
+          : (p->flags & NBDSERVE_PLUGIN_NEVER_BLOCKS) ? "1" : "0");
   if (p->magic_config_key)
     fprintf(fp, "magic_config_key=%s\n", p->magic_config_key);
   const char *pre = "";
@@ -332,7 +342,7 @@ static void dump_plugin(FILE *fp, const struct layer *l)
   HAS(fp, pre, p, can_fua); HAS(fp, pre, p, can_multi_conn); HAS(fp, pre, p, can_cache);
   HAS(fp, pre, p, can_extents); HAS(fp, pre, p, pread); HAS(fp, pre, p, pwrite);
   HAS(fp, pre, p, flush); HAS(fp, pre, p, trim); HAS(fp, pre, p, zero); HAS(fp, pre, p, cache);
-  HAS(fp, pre, p, extents); HAS(fp, pre, p, meta_extents);
+  HAS(fp, pre, p, extents); HAS(fp, pre, p, meta_extents); HAS(fp, pre, p, never_blocks);
 }
 
 static void dump_filter(FILE *fp, const struct layer *l)

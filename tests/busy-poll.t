@@ -79,7 +79,7 @@ contains "--busy-poll 0: off" "$tmp/off.log" 'busy polling: off$'
 # Requests that run on worker threads finish away from the loop: the
 # loop does not poll for them.
 truncate -s 64M "$tmp/disk.img"
-start_server workers -v --busy-poll 1000 file "$tmp/disk.img"
+start_server workers -v --busy-poll 1000 --no-inline file "$tmp/disk.img"
 nbdinfo --size "$uri" > /dev/null
 stop_server
 contains "a backend on worker threads: off" "$tmp/workers.log" 'busy polling: off$'

@@ -1,20 +1,15 @@
 #!/bin/bash
 # 64 MiB of random data written with nbdcopy, read back with nbdcopy and
 # with qemu-img convert, compared byte for byte, on the memory and the
-# file plugin.
+# file plugin, on the connection thread and on worker threads.
 . "$(dirname "$0")/lib/functions.sh"
 requires nbdcopy qemu-img
-plan 14
+plan 20
 
 head -c 64M /dev/urandom > "$tmp/random"
 
-for backend in memory file; do
-    if [ $backend = memory ]; then
-        start_server $backend memory 64M
-    else
-        truncate -s 64M "$tmp/disk.img"
-        start_server $backend file "$tmp/disk.img"
-    fi
+for backend in $backends; do
+    start_backend $backend
     check "$backend: nbdcopy writes 64 MiB" nbdcopy "$tmp/random" "$uri"
     rm -f "$tmp/back"
     check "$backend: nbdcopy reads it back" nbdcopy "$uri" "$tmp/back"

@@ -1,17 +1,13 @@
 #!/bin/bash
 # qemu's NBD client: qemu-io pattern writes and reads, qemu-img info,
-# qemu-img compare, on the memory and the file plugin.
+# qemu-img compare, on the memory and the file plugin (the latter on the
+# connection thread and on worker threads).
 . "$(dirname "$0")/lib/functions.sh"
 requires qemu-img qemu-io
-plan 14
+plan 20
 
-for backend in memory file; do
-    if [ $backend = memory ]; then
-        start_server $backend memory 64M
-    else
-        truncate -s 64M "$tmp/disk.img"
-        start_server $backend file "$tmp/disk.img"
-    fi
+for backend in $backends; do
+    start_backend $backend
     check "$backend: qemu-img info sees 64 MiB" \
         sh -c "/usr/bin/qemu-img info '$uri' | grep -q 'virtual size: 64 MiB (67108864 bytes)'"
     check "$backend: qemu-io pattern write, read back" qemu-io -f raw \

@@ -17,12 +17,14 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/fs.h>
+#include <linux/magic.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
 #include <sys/sysmacros.h>
 #include <unistd.h>
 
@@ -132,6 +134,24 @@ static int file_config_complete(void)
     return -1;
   }
   return 0;
+}
+
+/* A regular file on tmpfs or ramfs lives in RAM: reading and writing it
+ * is a memory copy, like the memory plugin's, and flush has nothing to
+ * wait for.  Its requests may then run on the connection's thread (see
+ * NBDSERVE_PLUGIN_NEVER_BLOCKS), saving a thread hand-off per request.
+ * Only file= is judged: with dir=, a symlink may lead to any disk. */
+static int file_never_blocks(void)
+{
+  struct stat st;
+  struct statfs fs;
+  if (file_path == NULL || stat(file_path, &st) == -1 || !S_ISREG(st.st_mode) ||
+      statfs(file_path, &fs) == -1)
+    return 0;
+  bool in_ram = fs.f_type == TMPFS_MAGIC || fs.f_type == RAMFS_MAGIC;
+  if (in_ram)
+    nbdserve_debug("file: %s is in RAM (tmpfs): requests need no worker threads", file_path);
+  return in_ram;
 }
 
 static void file_unload(void)
@@ -682,6 +702,7 @@ static struct nbdserve_plugin plugin = {
   .thread_model = NBDSERVE_THREAD_MODEL_PARALLEL,
   .config = file_config,
   .config_complete = file_config_complete,
+  .never_blocks = file_never_blocks,
   .unload = file_unload,
   .list_exports = file_list_exports,
   .open = file_open,

@@ -164,6 +164,20 @@ start_server() {
     return 1
 }
 
+# start_backend BACKEND: a new, empty 64 MiB export of one of $backends:
+# memory; file, an image in $tmp (in RAM when $tmp is, and then served
+# on the connection's thread); file-workers, the same on worker threads.
+backends="memory file file-workers"
+start_backend() {
+    case $1 in
+        memory) start_server "$1" memory 64M ;;
+        file|file-workers)
+            rm -f "$tmp/disk.img"; truncate -s 64M "$tmp/disk.img"
+            if [ "$1" = file ]; then start_server "$1" file "$tmp/disk.img"
+            else start_server "$1" --no-inline file "$tmp/disk.img"; fi ;;
+    esac
+}
+
 # uri_of EXPORT: a URI for another export of the current server.
 uri_of() { echo "nbd+unix:///$1?socket=$sock"; }
 

@@ -1,0 +1,118 @@
+#!/bin/bash
+# Where requests run: on the connection's (loop) thread when the plugin
+# and every filter never block, on worker threads otherwise.  The file
+# plugin decides once configured: a file in RAM (tmpfs) never blocks, a
+# file on a disk may.  --no-inline forces worker threads; a plugin's
+# never_blocks callback overrides its flag; an older plugin without the
+# callback keeps using the flag.
+. "$(dirname "$0")/lib/functions.sh"
+requires cc nbdinfo
+plan 14
+
+# where NAME ARGS...: start a verbose server, make one request, stop it,
+# and print where its requests ran.
+where() {
+    local name=$1; shift
+    start_server "$name" -v "$@" || return 1
+    nbdinfo --size "$uri" > /dev/null
+    stop_server
+    sed -n 's/.*requests run \(on .*\)$/\1/p' "$tmp/$name.log"
+}
+
+fs_type() { stat -f -c %T "$1"; }
+in_ram() { case $(fs_type "$1") in tmpfs|ramfs) return 0 ;; esac; return 1; }
+
+is "memory: on the loop thread" "$(where memory memory 1M)" "on the loop thread"
+is "--no-inline: on worker threads" "$(where noinline --no-inline memory 1M)" \
+    "on worker threads (--no-inline)"
+contains "--no-inline: no busy polling" "$tmp/noinline.log" 'busy polling: off$'
+is "a filter that may block (delay) puts the chain on workers" \
+    "$(where delay --filter=delay memory 1M)" "on worker threads"
+
+# A file in RAM.
+if in_ram "$tmp"; then
+    truncate -s 1M "$tmp/ram.img"
+    is "file in RAM ($(fs_type "$tmp")): on the loop thread" "$(where ramfile file "$tmp/ram.img")" \
+        "on the loop thread"
+    contains "file in RAM: the plugin says why" "$tmp/ramfile.log" \
+        "file: $tmp/ram.img is in RAM \(tmpfs\): requests need no worker threads"
+    mkdir -p "$tmp/dir"; truncate -s 1M "$tmp/dir/a.img"
+    is "file dir= in RAM: on worker threads (a symlink may lead to a disk)" \
+        "$(where ramdir file dir="$tmp/dir" -e a.img)" "on worker threads"
+else
+    skip "$tmp is not in RAM"; skip "$tmp is not in RAM"; skip "$tmp is not in RAM"
+fi
+
+# A file on a disk: the first candidate directory not in RAM.
+disk_dir=
+for d in /var/tmp "$top" /tmp; do
+    if [ -d "$d" ] && [ -w "$d" ] && ! in_ram "$d"; then disk_dir=$d; break; fi
+done
+if [ -n "$disk_dir" ]; then
+    disk_img=$(mktemp "$disk_dir/nbdserve-inline.XXXXXX")
+    truncate -s 1M "$disk_img"
+    is "file on $(fs_type "$disk_dir") ($disk_dir): on worker threads" \
+        "$(where diskfile file "$disk_img")" "on worker threads"
+    rm -f "$disk_img"
+else
+    skip "no writable directory outside RAM"
+fi
+
+out=$(nbdserve --dump-plugin file 2>&1)
+like "--dump-plugin file: the plugin decides once configured" \
+    "$(echo "$out" | grep -E '^(has_)?never_blocks=' | tr '\n' ' ')" '^never_blocks=config has_never_blocks=1 $'
+like "--dump-plugin memory: never blocks" "$(nbdserve --dump-plugin memory 2>&1 | grep '^never_blocks=')" \
+    '^never_blocks=1$'
+
+# The callback overrides the flag, and is called once configured.
+cat > "$tmp/decides.c" <<'C'
+/* Declares NEVER_BLOCKS, but never_blocks() answers what inline= said. */
+#include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+#include "nbdserve-plugin.h"
+
+#ifdef OLD_STRUCT
+#define VERSION_FIELDS .struct_size = offsetof(struct nbdserve_plugin, never_blocks), \
+                       .api_version = NBDSERVE_API_VERSION
+#else
+#define VERSION_FIELDS NBDSERVE_PLUGIN_INIT
+#endif
+
+static int run_inline = -1;
+static int d_config(const char *key, const char *value)
+{
+  if (strcmp(key, "inline") != 0)
+    return -1;
+  run_inline = atoi(value);
+  return 0;
+}
+static int d_never_blocks(void) { return run_inline; }
+static void *d_open(int ro, const char *name) { (void) ro, (void) name; return &run_inline; }
+static int64_t d_get_size(void *h) { (void) h; return 1 << 20; }
+static int d_pread(void *h, void *buf, uint32_t n, uint64_t off, uint32_t f)
+{
+  (void) h, (void) off, (void) f;
+  memset(buf, 0, n);
+  return 0;
+}
+static struct nbdserve_plugin p = { VERSION_FIELDS, .name = "decides",
+  .thread_model = NBDSERVE_THREAD_MODEL_PARALLEL, .flags = NBDSERVE_PLUGIN_NEVER_BLOCKS,
+  .config = d_config, .never_blocks = d_never_blocks,
+  .open = d_open, .get_size = d_get_size, .pread = d_pread };
+NBDSERVE_REGISTER_PLUGIN(p)
+C
+cflags="-std=gnu11 -Wall -Wextra -Werror -fPIC -shared -I$top/include"
+# shellcheck disable=SC2086
+cc $cflags "$tmp/decides.c" -o "$tmp/decides.so" 2> "$tmp/cc.log" || diag_file "$tmp/cc.log"
+# shellcheck disable=SC2086
+cc $cflags -DOLD_STRUCT "$tmp/decides.c" -o "$tmp/old.so" 2>> "$tmp/cc.log" || diag_file "$tmp/cc.log"
+is "never_blocks() = 0 overrides the flag: on worker threads" \
+    "$(where cb0 "$tmp/decides.so" inline=0)" "on worker threads"
+is "never_blocks() = 1: on the loop thread" "$(where cb1 "$tmp/decides.so" inline=1)" \
+    "on the loop thread"
+is "never_blocks() = -1 (an error) counts as 'may block'" \
+    "$(where cbneg "$tmp/decides.so" inline=-1)" "on worker threads"
+is "a plugin built before the callback: its flag decides" \
+    "$(where old "$tmp/old.so" inline=0)" "on the loop thread"
+finish
