@@ -148,10 +148,10 @@ static int file_never_blocks(void)
   if (file_path == NULL || stat(file_path, &st) == -1 || !S_ISREG(st.st_mode) ||
       statfs(file_path, &fs) == -1)
     return 0;
-  bool in_ram = fs.f_type == TMPFS_MAGIC || fs.f_type == RAMFS_MAGIC;
-  if (in_ram)
-    nbdserve_debug("file: %s is in RAM (tmpfs): requests need no worker threads", file_path);
-  return in_ram;
+  const char *ram_fs = fs.f_type == TMPFS_MAGIC ? "tmpfs" : fs.f_type == RAMFS_MAGIC ? "ramfs" : NULL;
+  if (ram_fs)
+    nbdserve_debug("file: %s is in RAM (%s): requests need no worker threads", file_path, ram_fs);
+  return ram_fs != NULL;
 }
 
 static void file_unload(void)
