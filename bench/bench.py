@@ -496,10 +496,11 @@ How each row is measured:
   never sleeps there: each I/O costs it one poll, four recvfrom and one
   sendto whatever the server, and how fast those system calls go depends
   on what the server's thread does on the other CPU: a send that has to
-  wake a sleeping server thread is dearer. With the memory plugin,
-  nbdserve's thread polls instead of sleeping under this load
-  (`--busy-poll`, on by default; see nbdserve.md), and its CPU time then
-  includes the polling. The memory random-read IOPS still swing by up to
+  wake a sleeping server thread is dearer. With the memory plugin, and
+  with the file plugin on a file in /dev/shm (which nbdserve serves on
+  the connection thread, as it never waits for a disk), nbdserve's thread
+  polls instead of sleeping under this load (`--busy-poll`, on by default;
+  see nbdserve.md), and its CPU time then includes the polling. The memory random-read IOPS still swing by up to
   ±30%% between rounds for every server, with the load on the machine.
 - The memory rows use each server's RAM disk (nbdserve `memory`, nbdkit
   `memory`); qemu-nbd has none and serves a raw file in /dev/shm instead.
