@@ -240,6 +240,9 @@ void daemonize(void)
     die("cannot become a daemon: fork: %s", strerror(errno));
   if (pid > 0) {
     close(pipefd[1]);
+    /* The socket is the daemon's now: a signal here must not remove it. */
+    signal(SIGINT, SIG_DFL);
+    signal(SIGTERM, SIG_DFL);
     wait_until_ready(pipefd[0]);
   }
 
@@ -255,6 +258,10 @@ void daemonize(void)
     _exit(EXIT_SUCCESS);
 
   ready_fd = pipefd[1];
+  /* If the parent was stopped while it waited, telling it we are ready
+   * fails with EPIPE; that must not kill the daemon (the server ignores
+   * SIGPIPE anyway once it serves). */
+  signal(SIGPIPE, SIG_IGN);
   if (chdir("/") == -1)
     die("cannot become a daemon: chdir /: %s", strerror(errno));
   redirect(STDIN_FILENO, O_RDONLY);

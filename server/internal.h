@@ -88,7 +88,8 @@ extern bool find_group(const char *text, gid_t *gid);
  * of -i/-p, IPv4 and IPv6; or the Unix socket; or the socket-activation
  * fds).  Dies with a clear message on failure.  Non-blocking fds. */
 extern void open_listeners(int **fds, size_t *nfds);
-extern void remove_unix_socket(void); /* unlink it (and the private dir) at exit */
+/* Unlink it (and the private dir) at exit; async-signal-safe. */
+extern void remove_unix_socket(void);
 
 /* ---- captive.c: --run, pidfile, daemonizing, --exit-with-parent --------- */
 /* URI clients should use, e.g. "nbd+unix:///?socket=/tmp/x/sock" or

@@ -17,6 +17,7 @@
 #include <errno.h>
 #include <getopt.h>
 #include <limits.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -472,6 +473,23 @@ static void cleanup_at_exit(void)
   }
 }
 
+/* Until the loop takes SIGINT and SIGTERM over, they end the process
+ * as they always would (SA_RESETHAND restores the default action), but
+ * without leaving the socket file behind for the next start to find. */
+static void die_by_signal(int sig)
+{
+  cleanup_at_exit(); /* only unlink and rmdir: safe in a handler */
+  raise(sig);
+}
+
+static void clean_up_on_early_signals(void)
+{
+  struct sigaction sa = { .sa_handler = die_by_signal, .sa_flags = SA_RESETHAND };
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGINT, &sa, NULL);
+  sigaction(SIGTERM, &sa, NULL);
+}
+
 int main(int argc, char **argv)
 {
   struct command cmd = { 0 };
@@ -519,6 +537,7 @@ int main(int argc, char **argv)
 
   server_pid = getpid();
   atexit(cleanup_at_exit);
+  clean_up_on_early_signals();
 
   int *listen_fds = NULL;
   size_t nfds = 0;

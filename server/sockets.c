@@ -26,6 +26,7 @@
 static char *private_dir; /* the temporary directory of -U -, to rmdir */
 static char *socket_path; /* absolute path of the socket we bound */
 static bool socket_removed;
+static bool private_dir_removed;
 
 static void add_fd(int **fds, size_t *n, int fd)
 {
@@ -287,16 +288,16 @@ void open_listeners(int **fds, size_t *nfds)
     open_tcp(fds, nfds);
 }
 
+/* Only unlink and rmdir: a signal handler calls this too.  The strings
+ * stay allocated (opt.unix_socket points to socket_path). */
 void remove_unix_socket(void)
 {
-  /* socket_path stays allocated: opt.unix_socket points to it. */
   if (socket_path && !socket_removed) {
     unlink(socket_path);
     socket_removed = true;
   }
-  if (private_dir) {
+  if (private_dir && !private_dir_removed) {
     rmdir(private_dir);
-    free(private_dir);
-    private_dir = NULL;
+    private_dir_removed = true;
   }
 }

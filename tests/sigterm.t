@@ -5,7 +5,7 @@
 . "$(dirname "$0")/lib/functions.sh"
 requires cc
 requires_python_nbd
-plan 10
+plan 15
 
 # A plugin whose writes take 300 ms: the requests are surely in flight
 # when the signal comes.  It writes through to file=PATH.
@@ -122,4 +122,93 @@ ms=$(( ($(date +%s%N) - t0) / 1000000 ))
 kill $idler 2> /dev/null; wait $idler 2> /dev/null
 if [ "$stopped_rc" = 0 ] && [ $ms -lt 5000 ]; then ok "an idle client: the server still stops at once (${ms} ms)"
 else not_ok "an idle client: the server still stops at once (exit $stopped_rc after ${ms} ms)"; fi
+# A signal while the plugin is still getting ready (the socket exists, the
+# loop that handles signals does not yet): the process ends as signalled,
+# and leaves neither the socket file nor the private directory of -U -.
+cat > "$tmp/slowready.c" <<'C'
+/* get_ready creates the file marker=PATH, then takes 5 s. */
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+#include "nbdserve-plugin.h"
+static char marker[4096];
+static int r_config(const char *k, const char *v)
+{
+  if (strcmp(k, "marker") != 0)
+    return -1;
+  snprintf(marker, sizeof marker, "%s", v);
+  return 0;
+}
+static int r_get_ready(void)
+{
+  FILE *f = fopen(marker, "w");
+  if (f)
+    fclose(f);
+  sleep(5);
+  return 0;
+}
+static void *r_open(int ro, const char *name) { (void) ro, (void) name; return marker; }
+static int64_t r_size(void *h) { (void) h; return 1 << 20; }
+static int r_read(void *h, void *buf, uint32_t n, uint64_t off, uint32_t f)
+{
+  (void) h, (void) off, (void) f;
+  memset(buf, 0, n);
+  return 0;
+}
+static struct nbdserve_plugin p = { NBDSERVE_PLUGIN_INIT, .name = "slowready",
+  .thread_model = NBDSERVE_THREAD_MODEL_PARALLEL, .config = r_config, .get_ready = r_get_ready,
+  .open = r_open, .get_size = r_size, .pread = r_read };
+NBDSERVE_REGISTER_PLUGIN(p)
+C
+cc -std=gnu11 -Wall -Wextra -Werror -fPIC -shared -I"$top/include" "$tmp/slowready.c" -o "$tmp/slowready.so" 2> "$tmp/cc.log" ||
+    diag_file "$tmp/cc.log"
+
+# wait_for_file PATH: up to 10 s.
+wait_for_file() {
+    local i
+    for i in $(seq 200); do [ -e "$1" ] && return 0; sleep 0.05; done
+    return 1
+}
+
+# early NAME SIGNAL STATUS SOCKET-ARGS...: start a server with SOCKET-ARGS,
+# send SIGNAL during get_ready, expect exit STATUS and no socket left.
+early() {
+    local name=$1 sig=$2 want=$3; shift 3
+    rm -f "$tmp/$name.ready"
+    "$NBDSERVE" -f "$@" "$tmp/slowready.so" marker="$tmp/$name.ready" 2> "$tmp/$name.log" &
+    local pid=$!
+    server_pids+=("$pid")
+    wait_for_file "$tmp/$name.ready" || diag "$name: get_ready never ran"
+    kill -"$sig" "$pid"
+    wait "$pid"
+    local rc=$?
+    local left
+    left=$(ls -d "$tmp/$name.sock" "$tmp"/nbdserve.* 2> /dev/null | tr '\n' ' ')
+    is "SIG$sig during start-up: killed by it (exit $want), nothing left (${left:-no socket})" \
+        "$rc ${left:-none}" "$want none"
+}
+early early-term TERM 143 -U "$tmp/early-term.sock"
+early early-int INT 130 -U "$tmp/early-int.sock"
+early early-private TERM 143 -U -
+
+# Without -f, the process the user started waits for the daemon to be
+# ready.  Signalling that waiting parent ends the parent only: the daemon
+# keeps its socket and serves once ready.
+rm -f "$tmp/daemon.ready" "$tmp/daemon.pid"
+"$NBDSERVE" -U "$tmp/daemon.sock" -P "$tmp/daemon.pid" "$tmp/slowready.so" \
+    marker="$tmp/daemon.ready" 2> "$tmp/daemon.log" &
+parent=$!
+wait_for_file "$tmp/daemon.ready" || diag "daemon: get_ready never ran"
+kill -TERM "$parent"; wait "$parent"; rc=$?
+is "a signalled parent of the daemon exits by the signal" "$rc" 143
+if wait_for_file "$tmp/daemon.pid"; then
+    daemon=$(cat "$tmp/daemon.pid")
+    is "the daemon still serves on its socket" \
+        "$(nbdinfo --size "nbd+unix:///?socket=$tmp/daemon.sock" 2>&1)" 1048576
+    kill -TERM "$daemon"
+    for i in $(seq 100); do kill -0 "$daemon" 2> /dev/null || break; sleep 0.05; done
+else
+    not_ok "the daemon still serves on its socket (it never became ready)"
+    diag_file "$tmp/daemon.log"
+fi
 finish
