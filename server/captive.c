@@ -241,8 +241,7 @@ void daemonize(void)
   if (pid > 0) {
     close(pipefd[1]);
     /* The socket is the daemon's now: a signal here must not remove it. */
-    signal(SIGINT, SIG_DFL);
-    signal(SIGTERM, SIG_DFL);
+    restore_inherited_signals();
     wait_until_ready(pipefd[0]);
   }
 
@@ -258,10 +257,6 @@ void daemonize(void)
     _exit(EXIT_SUCCESS);
 
   ready_fd = pipefd[1];
-  /* If the parent was stopped while it waited, telling it we are ready
-   * fails with EPIPE; that must not kill the daemon (the server ignores
-   * SIGPIPE anyway once it serves). */
-  signal(SIGPIPE, SIG_IGN);
   if (chdir("/") == -1)
     die("cannot become a daemon: chdir /: %s", strerror(errno));
   redirect(STDIN_FILENO, O_RDONLY);
@@ -277,6 +272,10 @@ static void tell_parent_ready(void)
     return;
   log_to_syslog();
   redirect(STDERR_FILENO, O_WRONLY);
+  /* If the parent was killed while it waited, this write fails with
+   * EPIPE; that must not kill the daemon (the server ignores SIGPIPE
+   * from now on anyway). */
+  signal(SIGPIPE, SIG_IGN);
   char byte = 1;
   ssize_t r;
   do

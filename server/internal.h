@@ -59,6 +59,9 @@ struct options {
   const char *user, *group; /* -u, -g: run as them once the sockets are bound */
 };
 extern struct options opt;
+/* For the parent left waiting in daemonize: the SIGINT and SIGTERM
+ * actions the process started with, unblocked. */
+extern void restore_inherited_signals(void);
 
 /* Set by the --run child's exit; main returns it. */
 extern int captive_exit_status;
@@ -90,6 +93,7 @@ extern bool find_group(const char *text, gid_t *gid);
 extern void open_listeners(int **fds, size_t *nfds);
 /* Unlink it (and the private dir) at exit; async-signal-safe. */
 extern void remove_unix_socket(void);
+
 
 /* ---- captive.c: --run, pidfile, daemonizing, --exit-with-parent --------- */
 /* URI clients should use, e.g. "nbd+unix:///?socket=/tmp/x/sock" or

@@ -460,7 +460,7 @@ static void announce_private_socket(void)
  * other programs, and the parents left behind by daemonize(), never
  * run it (they _exit or exec). */
 static pid_t server_pid;
-static bool pidfile_written;
+static volatile sig_atomic_t pidfile_written;
 
 static void cleanup_at_exit(void)
 {
@@ -476,6 +476,9 @@ static void cleanup_at_exit(void)
 /* Until the loop takes SIGINT and SIGTERM over, they end the process
  * as they always would (SA_RESETHAND restores the default action), but
  * without leaving the socket file behind for the next start to find. */
+static sigset_t early_signals;
+static struct sigaction inherited_sigint, inherited_sigterm;
+
 static void die_by_signal(int sig)
 {
   cleanup_at_exit(); /* only unlink and rmdir: safe in a handler */
@@ -484,10 +487,28 @@ static void die_by_signal(int sig)
 
 static void clean_up_on_early_signals(void)
 {
+  sigemptyset(&early_signals);
+  sigaddset(&early_signals, SIGINT);
+  sigaddset(&early_signals, SIGTERM);
   struct sigaction sa = { .sa_handler = die_by_signal, .sa_flags = SA_RESETHAND };
   sigemptyset(&sa.sa_mask);
-  sigaction(SIGINT, &sa, NULL);
-  sigaction(SIGTERM, &sa, NULL);
+  sigaction(SIGINT, &sa, &inherited_sigint);
+  sigaction(SIGTERM, &sa, &inherited_sigterm);
+}
+
+/* The signals wait while what the handler relies on is out of step:
+ * a socket bound but not yet recorded, server_pid across daemonize's
+ * forks, a pidfile renamed into place but not yet flagged. */
+static void hold_early_signals(bool hold)
+{
+  sigprocmask(hold ? SIG_BLOCK : SIG_UNBLOCK, &early_signals, NULL);
+}
+
+void restore_inherited_signals(void)
+{
+  sigaction(SIGINT, &inherited_sigint, NULL);
+  sigaction(SIGTERM, &inherited_sigterm, NULL);
+  hold_early_signals(false);
 }
 
 int main(int argc, char **argv)
@@ -538,6 +559,7 @@ int main(int argc, char **argv)
   server_pid = getpid();
   atexit(cleanup_at_exit);
   clean_up_on_early_signals();
+  hold_early_signals(true);
 
   int *listen_fds = NULL;
   size_t nfds = 0;
@@ -548,6 +570,7 @@ int main(int argc, char **argv)
 
   daemonize();
   server_pid = getpid();
+  hold_early_signals(false);
   drop_privileges();
   follow_parent();
 
@@ -555,8 +578,10 @@ int main(int argc, char **argv)
     exit(EXIT_FAILURE);
   /* The pidfile says "ready": only now.  (It also releases the parent
    * waiting in daemonize.) */
+  hold_early_signals(true);
   write_pidfile();
   pidfile_written = opt.pidfile != NULL;
+  hold_early_signals(false);
 
   int status = serve(listen_fds, nfds);
 

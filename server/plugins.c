@@ -295,12 +295,12 @@ static bool plugin_never_blocks(const struct nbdserve_plugin *p)
 
 bool chain_never_blocks(void)
 {
-  if (!plugin_never_blocks(&plugin_layer->plugin))
-    return false;
+  /* Filters first: the plugin's callback is asked only when its answer
+   * matters (it may log what it decided). */
   for (struct layer *l = top_layer; l && !l->is_plugin; l = l->below)
     if (!(l->filter.flags & NBDSERVE_FILTER_NEVER_BLOCKS))
       return false;
-  return true;
+  return plugin_never_blocks(&plugin_layer->plugin);
 }
 
 static const char *thread_model_name(int model)

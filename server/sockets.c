@@ -11,6 +11,7 @@
 #include <fcntl.h>
 #include <netdb.h>
 #include <netinet/in.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -25,8 +26,7 @@
 
 static char *private_dir; /* the temporary directory of -U -, to rmdir */
 static char *socket_path; /* absolute path of the socket we bound */
-static bool socket_removed;
-static bool private_dir_removed;
+static volatile sig_atomic_t socket_removed, private_dir_removed; /* see remove_unix_socket */
 
 static void add_fd(int **fds, size_t *n, int fd)
 {

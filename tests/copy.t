@@ -4,7 +4,7 @@
 # file plugin, on the connection thread and on worker threads.
 . "$(dirname "$0")/lib/functions.sh"
 requires nbdcopy qemu-img
-plan 20
+plan 21
 
 head -c 64M /dev/urandom > "$tmp/random"
 
@@ -23,10 +23,9 @@ for backend in $backends; do
     nbdcopy --connections=1 --requests=64 --request-size=4096 "$uri" "$tmp/back"
     check "$backend: 4 KiB requests, 64 in flight, compare equal" cmp "$tmp/random" "$tmp/back"
     stop_server
+    # The file plugin wrote through to the file itself.
+    [ $backend = memory ] || check "$backend: the image file holds the data" cmp "$tmp/random" "$tmp/disk.img"
 done
-
-# The file plugin wrote through to the file itself.
-check "file: the image file holds the data" cmp "$tmp/random" "$tmp/disk.img"
 
 # Writing with many small unaligned requests through qemu-img (convert
 # in) ends with the same bytes.

@@ -159,17 +159,15 @@ static struct nbdserve_filter filter = {
 NBDSERVE_REGISTER_FILTER(filter)
 C
 
-CFLAGS="-std=gnu11 -Wall -Wextra -Werror -fPIC -shared -I$top/include"
-build() { local out=$1; shift; cc $CFLAGS "$@" -o "$tmp/$out" > "$tmp/cc.log" 2>&1 || { diag_file "$tmp/cc.log"; return 1; }; }
-check "the plugin compiles against include/ alone" build abitest.so "$tmp/abitest.c"
-build serial.so -DMODEL=NBDSERVE_THREAD_MODEL_SERIALIZE_ALL_REQUESTS "$tmp/abitest.c"
-build badver.so -DAPI_VERSION=99 "$tmp/abitest.c"
-build nopread.so -DNO_PREAD "$tmp/abitest.c"
-build old.so -DOLD_STRUCT "$tmp/abitest.c"
-build upper.so "$tmp/upper.c"
-build badfilter.so -DAPI_VERSION=99 "$tmp/upper.c"
+check "the plugin compiles against include/ alone" build_plugin abitest.so "$tmp/abitest.c"
+build_plugin serial.so -DMODEL=NBDSERVE_THREAD_MODEL_SERIALIZE_ALL_REQUESTS "$tmp/abitest.c"
+build_plugin badver.so -DAPI_VERSION=99 "$tmp/abitest.c"
+build_plugin nopread.so -DNO_PREAD "$tmp/abitest.c"
+build_plugin old.so -DOLD_STRUCT "$tmp/abitest.c"
+build_plugin upper.so "$tmp/upper.c"
+build_plugin badfilter.so -DAPI_VERSION=99 "$tmp/upper.c"
 echo 'int not_a_plugin(void) { return 0; }' > "$tmp/plain.c"
-build plain.so "$tmp/plain.c"
+build_plugin plain.so "$tmp/plain.c"
 
 cd "$tmp" || exit 1
 start_server abi -t 8 ./abitest.so 5M marker="$tmp/marker" delay=20

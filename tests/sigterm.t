@@ -42,8 +42,7 @@ static struct nbdserve_plugin p = { NBDSERVE_PLUGIN_INIT, .name = "slowfile",
   .config = s_config, .open = s_open, .get_size = s_size, .pread = s_read, .pwrite = s_write };
 NBDSERVE_REGISTER_PLUGIN(p)
 C
-cc -std=gnu11 -Wall -Wextra -Werror -fPIC -shared -I"$top/include" "$tmp/slowfile.c" -o "$tmp/slowfile.so" 2> "$tmp/cc.log" ||
-    diag_file "$tmp/cc.log"
+build_plugin slowfile.so "$tmp/slowfile.c"
 
 # inflight NAME SIGNAL ARGS...: 16 aio writes of 4K, then SIGNAL once the
 # plugin has started all 16 (or after 300 ms when it cannot tell); writes
@@ -160,8 +159,7 @@ static struct nbdserve_plugin p = { NBDSERVE_PLUGIN_INIT, .name = "slowready",
   .open = r_open, .get_size = r_size, .pread = r_read };
 NBDSERVE_REGISTER_PLUGIN(p)
 C
-cc -std=gnu11 -Wall -Wextra -Werror -fPIC -shared -I"$top/include" "$tmp/slowready.c" -o "$tmp/slowready.so" 2> "$tmp/cc.log" ||
-    diag_file "$tmp/cc.log"
+build_plugin slowready.so "$tmp/slowready.c"
 
 # wait_for_file PATH: up to 10 s.
 wait_for_file() {
@@ -179,10 +177,8 @@ early() {
     local pid=$!
     server_pids+=("$pid")
     wait_for_file "$tmp/$name.ready" || diag "$name: get_ready never ran"
-    kill -"$sig" "$pid"
-    wait "$pid"
-    local rc=$?
-    local left
+    stop_server "$pid" "$sig"
+    local rc=$stopped_rc left
     left=$(ls -d "$tmp/$name.sock" "$tmp"/nbdserve.* 2> /dev/null | tr '\n' ' ')
     is "SIG$sig during start-up: killed by it (exit $want), nothing left (${left:-no socket})" \
         "$rc ${left:-none}" "$want none"
@@ -199,14 +195,14 @@ rm -f "$tmp/daemon.ready" "$tmp/daemon.pid"
     marker="$tmp/daemon.ready" 2> "$tmp/daemon.log" &
 parent=$!
 wait_for_file "$tmp/daemon.ready" || diag "daemon: get_ready never ran"
-kill -TERM "$parent"; wait "$parent"; rc=$?
-is "a signalled parent of the daemon exits by the signal" "$rc" 143
+stop_pid "$parent"
+is "a signalled parent of the daemon exits by the signal" "$stopped_rc" 143
 if wait_for_file "$tmp/daemon.pid"; then
     daemon=$(cat "$tmp/daemon.pid")
+    server_pids+=("$daemon")
     is "the daemon still serves on its socket" \
         "$(nbdinfo --size "nbd+unix:///?socket=$tmp/daemon.sock" 2>&1)" 1048576
-    kill -TERM "$daemon"
-    for i in $(seq 100); do kill -0 "$daemon" 2> /dev/null || break; sleep 0.05; done
+    stop_server "$daemon"
 else
     not_ok "the daemon still serves on its socket (it never became ready)"
     diag_file "$tmp/daemon.log"

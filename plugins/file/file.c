@@ -33,6 +33,7 @@
 #define DIRECT_ALIGN 4096 /* alignment of requests sent down the O_DIRECT path */
 
 static char *file_path; /* file= */
+static bool served_inline; /* file_never_blocks said yes: see check_still_in_ram */
 static char *dir_path; /* dir= */
 static bool want_direct; /* cache=none */
 static int fadvise_mode = POSIX_FADV_NORMAL;
@@ -136,6 +137,11 @@ static int file_config_complete(void)
   return 0;
 }
 
+static const char *ram_fs_name(const struct statfs *fs)
+{
+  return fs->f_type == TMPFS_MAGIC ? "tmpfs" : fs->f_type == RAMFS_MAGIC ? "ramfs" : NULL;
+}
+
 /* A regular file on tmpfs or ramfs lives in RAM: reading and writing it
  * is a memory copy, like the memory plugin's, and flush has nothing to
  * wait for.  Its requests may then run on the connection's thread (see
@@ -148,10 +154,26 @@ static int file_never_blocks(void)
   if (file_path == NULL || stat(file_path, &st) == -1 || !S_ISREG(st.st_mode) ||
       statfs(file_path, &fs) == -1)
     return 0;
-  const char *ram_fs = fs.f_type == TMPFS_MAGIC ? "tmpfs" : fs.f_type == RAMFS_MAGIC ? "ramfs" : NULL;
+  const char *ram_fs = ram_fs_name(&fs);
   if (ram_fs)
     nbdserve_debug("file: %s is in RAM (%s): requests need no worker threads", file_path, ram_fs);
-  return ram_fs != NULL;
+  served_inline = ram_fs != NULL;
+  return served_inline;
+}
+
+/* With requests on the connection thread, each open must find what
+ * file_never_blocks judged: a regular file in RAM.  Someone may have put
+ * a disk file, or a FIFO, at the path since.  (The caller opened it
+ * with O_NONBLOCK, so a FIFO cannot hold up the open.) */
+static bool check_still_in_ram(int fd, const char *path)
+{
+  struct stat st;
+  struct statfs fs;
+  if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && fstatfs(fd, &fs) == 0 && ram_fs_name(&fs))
+    return true;
+  nbdserve_error("file: %s is no longer a regular file in RAM, as it was at start-up; "
+                 "restart the server to serve it", path);
+  return false;
 }
 
 static void file_unload(void)
@@ -274,7 +296,7 @@ static bool device_zeroes_fast(dev_t dev)
  * not be written; O_DIRECT when cache=none and the file system allows. */
 static int open_file(struct handle *h, const char *path, bool readonly)
 {
-  int flags = O_CLOEXEC | (want_direct ? O_DIRECT : 0);
+  int flags = O_CLOEXEC | (want_direct ? O_DIRECT : 0) | (served_inline ? O_NONBLOCK : 0);
   h->readonly = readonly;
   for (;;) {
     int fd = open(path, (h->readonly ? O_RDONLY : O_RDWR) | flags);
@@ -323,12 +345,18 @@ static void *file_open(int readonly, const char *export_name)
     goto fail;
   h->cached_fd = h->fd;
   if (h->direct) {
-    h->cached_fd = open(path, (h->readonly ? O_RDONLY : O_RDWR) | O_CLOEXEC);
+    h->cached_fd = open(path, (h->readonly ? O_RDONLY : O_RDWR) | O_CLOEXEC |
+                        (served_inline ? O_NONBLOCK : 0));
     if (h->cached_fd == -1) {
       nbdserve_error("file: %s: %m", path);
       close(h->fd);
       goto fail;
     }
+  }
+  if (served_inline && (!check_still_in_ram(h->fd, path) ||
+                        !check_still_in_ram(h->cached_fd, path))) {
+    nbdserve_set_error(EIO);
+    goto fail_close;
   }
 
   struct stat st;

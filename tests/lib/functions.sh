@@ -178,32 +178,42 @@ start_backend() {
     esac
 }
 
+# build_plugin OUT CC-ARGS...: compile a test plugin or filter against
+# include/ alone, as an outside author would, into $tmp/OUT.
+build_plugin() {
+    local out=$1; shift
+    cc -std=gnu11 -Wall -Wextra -Werror -fPIC -shared -I"$top/include" "$@" -o "$tmp/$out" \
+        > "$tmp/cc.log" 2>&1 || { diag_file "$tmp/cc.log"; return 1; }
+}
+
 # uri_of EXPORT: a URI for another export of the current server.
 uri_of() { echo "nbd+unix:///$1?socket=$sock"; }
 
-# stop_pid PID: SIGTERM, then SIGKILL after 10 s; sets $stopped_rc.
+# stop_pid PID [SIGNAL]: SIGNAL (default TERM), then SIGKILL after 10 s;
+# sets $stopped_rc.
 stop_pid() {
-    local pid=$1 i
+    local pid=$1 sig=${2:-TERM} i
     stopped_rc=
-    kill -TERM "$pid" 2> /dev/null || { wait "$pid" 2> /dev/null; stopped_rc=$?; return 0; }
+    kill -"$sig" "$pid" 2> /dev/null || { wait "$pid" 2> /dev/null; stopped_rc=$?; return 0; }
     for i in $(seq 200); do
         kill -0 "$pid" 2> /dev/null || break
         sleep 0.05
     done
     if kill -0 "$pid" 2> /dev/null; then
-        diag "process $pid ignored SIGTERM for 10 s; killing it"
+        diag "process $pid ignored SIG$sig for 10 s; killing it"
         kill -KILL "$pid" 2> /dev/null
     fi
     wait "$pid" 2> /dev/null
     stopped_rc=$?
 }
 
-# stop_server [PID]: stop the (last started) server; its exit status is
-# left in $stopped_rc.  A sanitizer report in any server log fails the test.
+# stop_server [PID [SIGNAL]]: stop the (last started) server; its exit
+# status is left in $stopped_rc.  A sanitizer report in any server log
+# fails the test.
 stop_server() {
     local pid=${1:-$server_pid}
     [ -n "$pid" ] || return 0
-    stop_pid "$pid"
+    stop_pid "$pid" "${2:-TERM}"
     local i
     for i in "${!server_pids[@]}"; do
         [ "${server_pids[$i]}" = "$pid" ] && unset "server_pids[$i]"
