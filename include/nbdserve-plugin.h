@@ -99,8 +99,10 @@ struct nbdserve_plugin {
   /* Whether, with the configuration given, no callback can block: the
    * promise of NBDSERVE_PLUGIN_NEVER_BLOCKS, for a plugin that only knows
    * after config_complete (e.g. a file that turns out to live in RAM).
-   * Called once, after get_ready; returns 1 or 0.  When set, it decides
-   * instead of the flag. */
+   * Called at most once, after get_ready, when the filters never block
+   * either and --no-inline is not given; returns 1 or 0.  When set, it
+   * decides instead of the flag (leave the flag unset then: an older
+   * server knows only the flag). */
   int (*never_blocks)(void);
 
   /* New fields are appended here only. */

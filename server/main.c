@@ -194,12 +194,19 @@ static unsigned default_threads(void)
   return n < 4 ? 4 : n;
 }
 
-static unsigned parse_threads(const char *arg)
+/* Whether ARG is all a decimal number from MIN to MAX; it goes to *N. */
+static bool whole_number_in(const char *arg, long min, long max, long *n)
 {
   char *end;
   errno = 0;
-  long n = strtol(arg, &end, 10);
-  if (errno != 0 || end == arg || *end != '\0' || n < 1 || n > MAX_THREADS)
+  *n = strtol(arg, &end, 10);
+  return errno == 0 && end != arg && *end == '\0' && *n >= min && *n <= max;
+}
+
+static unsigned parse_threads(const char *arg)
+{
+  long n;
+  if (!whole_number_in(arg, 1, MAX_THREADS, &n))
     die("-t: '%s' is not a thread count between 1 and %d", arg, MAX_THREADS);
   return (unsigned) n;
 }
@@ -218,20 +225,16 @@ static double parse_handshake_timeout(const char *arg)
 
 static unsigned parse_max_connections(const char *arg)
 {
-  char *end;
-  errno = 0;
-  long n = strtol(arg, &end, 10);
-  if (errno != 0 || end == arg || *end != '\0' || n < 0 || n > 1000000)
+  long n;
+  if (!whole_number_in(arg, 0, 1000000, &n))
     die("--max-connections: '%s' is not a number from 0 (no limit) to 1000000", arg);
   return (unsigned) n;
 }
 
 static unsigned parse_busy_poll(const char *arg)
 {
-  char *end;
-  errno = 0;
-  long n = strtol(arg, &end, 10);
-  if (errno != 0 || end == arg || *end != '\0' || n < 0 || n > BUSY_POLL_MAX_US)
+  long n;
+  if (!whole_number_in(arg, 0, BUSY_POLL_MAX_US, &n))
     die("--busy-poll: '%s' is not a number of microseconds from 0 (never) to %d", arg,
         BUSY_POLL_MAX_US);
   return (unsigned) n;

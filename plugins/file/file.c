@@ -354,7 +354,7 @@ static void *file_open(int readonly, const char *export_name)
     }
   }
   if (served_inline && (!check_still_in_ram(h->fd, path) ||
-                        !check_still_in_ram(h->cached_fd, path))) {
+                        (h->cached_fd != h->fd && !check_still_in_ram(h->cached_fd, path)))) {
     nbdserve_set_error(EIO);
     goto fail_close;
   }
