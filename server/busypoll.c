@@ -1,15 +1,18 @@
 /* nbdserve - adaptive busy polling of the loop thread.
  *
  * When requests run on the loop thread (a backend that never blocks),
- * a client that keeps many requests in flight sends the next one a few
- * microseconds after it reads a reply.  If the loop thread went to sleep
- * in epoll_wait in between, that send pays for waking it, and so do we:
- * the scheduler round trip costs about as much as serving a 4K read from
- * memory, on both CPUs.
+ * a busy client sends the next request soon after it reads a reply: a
+ * few microseconds when it keeps many in flight, a few tens when it
+ * waits for each reply.  If the loop thread went to sleep in epoll_wait
+ * in between, that send pays for waking it, and so do we.  The scheduler
+ * round trip costs about as much as serving a 4K read from memory, on
+ * both CPUs; in a VM, where a CPU with nothing to run is handed back to
+ * the host, waking it again costs tens of microseconds more, which more
+ * than doubles the latency of a read from memory.
  *
  * So the loop learns how long it usually sits idle between two inputs
  * (the smoothed gap between reads, less the smoothed time it spends on
- * each).  While that is shorter than the limit (--busy-poll, 20 us by
+ * each).  While that is shorter than the limit (--busy-poll, 100 us by
  * default), it polls without blocking after each input, for twice that
  * idle time: an ev_idle watcher makes libev poll with a zero timeout.
  * Input that arrives in the window is taken without a wake-up; if none

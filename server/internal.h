@@ -215,7 +215,7 @@ extern bool workers_nudge(void);
 extern void workers_stop(void); /* finish queued jobs, join */
 
 /* ---- busypoll.c: spinning the loop thread under heavy load -------------- */
-#define BUSY_POLL_DEFAULT_US 20
+#define BUSY_POLL_DEFAULT_US 100
 #define BUSY_POLL_MAX_US 1000
 struct ev_loop;
 /* Spin while the loop's idle time between inputs is under IDLE_LIMIT_US;
