@@ -515,8 +515,7 @@ How each row is measured:
   348 MB/s with ChaCha20-Poly1305 and 259 MB/s with AES-128-GCM on one
   CPU, and a profile of nbdserve during this row shows 81%% of its time
   in mbedtls's crypto: the row measures the library's cipher code more
-  than the server. The kernel's TLS offload (kTLS), which would take the
-  cipher work out of mbedtls, is not in this VM's kernel.
+  than the server.
 - Idle connections: %(idle)d clients connect over a Unix socket and finish
   the handshake (NBD_OPT_GO), then stay idle; time from the first connect to
   the last handshake, and the growth of the server's RSS divided by the

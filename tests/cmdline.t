@@ -3,7 +3,7 @@
 # lines, each refused with a clear message and exit status 1, never a
 # crash, a hang or a server left running.
 . "$(dirname "$0")/lib/functions.sh"
-plan 32
+plan 34
 
 out=$(nbdserve --version 2>&1); rc=$?
 like "--version: name and version, exit 0" "$rc $out" '^0 nbdserve [0-9]+\.[0-9]+'
@@ -16,6 +16,17 @@ for o in $(echo "$out" | grep -oE '^ +(-[a-zA-Z], )?--[a-z-]+' | grep -oE -- '--
     grep -qE "^\`(.*\`)?$o( |=|\`)" "$top/docs/nbdserve.md" || undocumented="$undocumented $o"
 done
 is "--help: every option is documented in docs/nbdserve.md" "$undocumented" ""
+# Every number --help gives as a default is the one docs/nbdserve.md
+# gives in that option's entry ("default 100", "Default: 10809").
+mismatched=
+while read -r o n; do
+    entry=$(awk -v o="$o" '/^`/ { inside = ($0 ~ ("`" o "[ `]")) } inside' "$top/docs/nbdserve.md")
+    echo "$entry" | grep -qiE "default:? $n\b" || mismatched="$mismatched $o=$n"
+done < <(echo "$out" | awk '
+    match($0, /^ +(-[a-zA-Z], )?--[a-z-]+/) { s = substr($0, RSTART, RLENGTH); sub(/.*--/, "--", s); opt = s }
+    match($0, /\(default [0-9]+/) { print opt, substr($0, RSTART + 9, RLENGTH - 9) }')
+like "--help: numeric defaults are found" "$(echo "$out" | grep -c '(default [0-9]')" '^[3-9]$'
+is "--help: each numeric default is the one docs/nbdserve.md gives" "$mismatched" ""
 out=$(nbdserve --help memory 2>&1); rc=$?
 like "--help PLUGIN: the plugin's parameters" "$rc $(echo "$out" | grep -c '^size=')" '^0 1$'
 out=$(nbdserve --dump-plugin memory 2>&1); rc=$?
