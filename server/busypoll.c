@@ -22,8 +22,6 @@
  *
  * SPDX-License-Identifier: BSD-3-Clause
  */
-#include <sched.h>
-
 #include <ev.h>
 
 #include "internal.h"
@@ -70,23 +68,29 @@ static void spin_cb(struct ev_loop *l, ev_idle *w, int revents)
   }
 }
 
-/* Spinning on the only CPU we may use would starve the client. */
+/* Spinning takes a whole CPU: on the only CPU we may run on, it would
+ * starve the client; under a quota of less than two CPUs, it would use
+ * up the quota and get the whole process throttled. */
 static bool have_spare_cpu(void)
 {
-  cpu_set_t cpus;
-  if (sched_getaffinity(0, sizeof cpus, &cpus) != 0)
+  if (affinity_cpus() < 2) {
+    nbdserve_debug("busy polling: off, this process may use one CPU only");
     return false;
-  return CPU_COUNT(&cpus) >= 2;
+  }
+  double quota = cgroup_cpu_quota();
+  if (quota > 0 && quota < 2) {
+    nbdserve_debug("busy polling: off, the cgroup's CPU quota is %.2f CPUs", quota);
+    return false;
+  }
+  return true;
 }
 
 void busy_poll_setup(struct ev_loop *loop, unsigned idle_limit_us)
 {
   poll_loop = loop;
   idle_limit_ns = (uint64_t) idle_limit_us * 1000;
-  if (idle_limit_ns > 0 && !have_spare_cpu()) {
-    nbdserve_debug("busy polling: off, this process may use one CPU only");
+  if (idle_limit_ns > 0 && !have_spare_cpu())
     idle_limit_ns = 0;
-  }
   ev_idle_init(&spin_watcher, spin_cb);
 }
 

@@ -214,6 +214,12 @@ extern void workers_release(void);
 extern bool workers_nudge(void);
 extern void workers_stop(void); /* finish queued jobs, join */
 
+/* ---- cpulimit.c: how much CPU this process may use ---------------------- */
+extern unsigned affinity_cpus(void); /* CPUs sched_getaffinity allows */
+/* The tightest cgroup CPU quota over us, in CPUs (1.5: 150 ms per
+ * 100 ms); 0 when none is set or none can be read. */
+extern double cgroup_cpu_quota(void);
+
 /* ---- busypoll.c: spinning the loop thread under heavy load -------------- */
 #define BUSY_POLL_DEFAULT_US 100
 #define BUSY_POLL_MAX_US 1000

@@ -4,7 +4,7 @@
 # does, never start at a light load, and stay off where it cannot help.
 . "$(dirname "$0")/lib/functions.sh"
 requires_python_nbd
-plan 11
+plan 12
 
 # load.py PID PACE: over one connection, write a pattern and read it back
 # (16 requests in flight when PACE is 0, else one request each PACE
@@ -95,6 +95,33 @@ if command -v taskset > /dev/null 2>&1; then
 else
     skip "taskset is not installed"
 fi
+
+# Under a cgroup CPU quota of less than two CPUs, polling would use up
+# the quota and get the server throttled.  Made only where the cpu
+# controller is there to use (v1, or v2 with it already enabled below
+# the root): nothing of the machine's set-up is changed.
+cg=
+if [ -w /sys/fs/cgroup/cpu/cgroup.procs ] && mkdir "/sys/fs/cgroup/cpu/nbdserve-test.$$" 2> /dev/null; then
+    cg=/sys/fs/cgroup/cpu/nbdserve-test.$$
+    echo 100000 > "$cg/cpu.cfs_period_us" && echo 100000 > "$cg/cpu.cfs_quota_us" || cg_failed=1
+elif grep -qw cpu /sys/fs/cgroup/cgroup.subtree_control 2> /dev/null &&
+     mkdir "/sys/fs/cgroup/nbdserve-test.$$" 2> /dev/null; then
+    cg=/sys/fs/cgroup/nbdserve-test.$$
+    echo "100000 100000" > "$cg/cpu.max" || cg_failed=1
+fi
+if [ -n "$cg" ] && [ -z "${cg_failed:-}" ]; then
+    sock="$tmp/quota.sock"
+    sh -c 'echo $$ > "$1/cgroup.procs" && exec "$2" -f -v -U "$3" --busy-poll 1000 memory 1M' \
+        sh "$cg" "$NBDSERVE" "$sock" 2> "$tmp/quota.log" &
+    server_pid=$!; server_pids+=("$server_pid")
+    wait_for_socket "$sock" "$server_pid"
+    stop_server
+    contains "a cgroup quota of one CPU: off" "$tmp/quota.log" \
+        "busy polling: off, the cgroup's CPU quota is 1.00 CPUs"
+else
+    skip "no cgroup with the cpu controller can be made here"
+fi
+[ -n "$cg" ] && rmdir "$cg"
 
 for bad in -1 1001 20us; do
     nbdserve -f -U "$tmp/bad.sock" --busy-poll "$bad" memory 1M > "$tmp/bad.out" 2>&1
