@@ -35,12 +35,12 @@ static FILE *open_proc_self(const char *name)
   return fopen(path, "r");
 }
 
-/* The cgroup mount of one hierarchy, and our cgroup's path in it. */
+/* The cgroup mount of one hierarchy, and our cgroup's path in it; an
+ * empty string is one not found. */
 struct cgroup_place {
   char mount_point[256];
   char mount_root[256];
   char path[512];
-  bool found_mount, found_path;
 };
 
 static bool has_item(const char *list, const char *item)
@@ -76,10 +76,9 @@ static void find_mount(struct cgroup_place *v1, struct cgroup_place *v2)
       place = v2;
     else if (strcmp(fstype, "cgroup") == 0 && has_item(superopts, "cpu"))
       place = v1;
-    if (place && !place->found_mount) {
+    if (place && place->mount_point[0] == '\0') {
       snprintf(place->mount_root, sizeof place->mount_root, "%s", root);
       snprintf(place->mount_point, sizeof place->mount_point, "%s", point);
-      place->found_mount = true;
     }
   }
   fclose(f);
@@ -105,10 +104,8 @@ static void find_path(struct cgroup_place *v1, struct cgroup_place *v2)
       place = v2;
     else if (has_item(controllers, "cpu"))
       place = v1;
-    if (place && !place->found_path) {
+    if (place && place->path[0] == '\0')
       snprintf(place->path, sizeof place->path, "%s", path);
-      place->found_path = true;
-    }
   }
   fclose(f);
 }
@@ -145,7 +142,7 @@ static double quota_of(const char *dir, bool v2)
 /* The tightest quota from our cgroup up to the mount's root; 0: none. */
 static double quota_in(const struct cgroup_place *place, bool v2)
 {
-  if (!place->found_mount || !place->found_path)
+  if (place->mount_point[0] == '\0' || place->path[0] == '\0')
     return 0;
   /* Our path is relative to the hierarchy's root; the mount may show
    * only a subtree of it (in a container, usually our own cgroup). */
