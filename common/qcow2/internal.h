@@ -104,7 +104,7 @@ struct qcow2_chain {
   uint64_t max_cluster_size; /* of any compressed-capable layer: sizes the per-thread buffers */
 };
 
-/* ---- logging (qcow2.c) ---- */
+/* ---- logging (file.c) ---- */
 extern qcow2_log_fn qcow2_error_fn, qcow2_debug_fn;
 #define q_error(...) qcow2_error_fn(__VA_ARGS__)
 #define q_debug(...) qcow2_debug_fn(__VA_ARGS__)
@@ -114,7 +114,7 @@ static inline uint16_t get_be16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2)
 static inline uint32_t get_be32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return be32toh(v); }
 static inline uint64_t get_be64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return be64toh(v); }
 
-/* ---- file access (qcow2.c) ---- */
+/* ---- file access, the L1 table (file.c) ---- */
 /* Reads exactly count bytes at offset; bytes past the end of the file
  * read as zero.  0, or -errno. */
 int read_at(int fd, void *buf, size_t count, uint64_t offset);
@@ -128,7 +128,7 @@ void cache_free(struct meta_cache *cache);
  * does not cross a slice boundary) through the cache. */
 int cache_read(struct meta_cache *cache, const struct layer *l, void *buf, uint32_t count, uint64_t offset);
 
-/* ---- header, chain (qcow2.c) ---- */
+/* ---- header checks (file.c) ---- */
 bool overlaps_header(const struct layer *l, uint64_t offset);
 /* Loads an L1 table (the active one or a snapshot's) covering size bytes. */
 int load_l1(struct layer *l, uint32_t l1_size, uint64_t l1_offset, uint64_t size, const char *what);
