@@ -20,6 +20,9 @@
  * idle times of the last input, and never starts at a light load, where
  * the idle time is long.
  *
+ * Each connection loop polls on its own, with its own state (thread-local
+ * below); loop.c decides which loops may poll at all.
+ *
  * SPDX-License-Identifier: BSD-3-Clause
  */
 #include <ev.h>
@@ -34,17 +37,17 @@
 #define WORK_SAMPLE_CAP_NS 100000
 #define SPIN_MIN_NS 2000
 
-static struct ev_loop *poll_loop;
-static ev_idle spin_watcher;
-static uint64_t idle_limit_ns; /* spin while the idle time is shorter; 0: never */
-static uint64_t last_begin_ns;
-static uint64_t gap_ns = GAP_SAMPLE_CAP_NS; /* between inputs, smoothed */
-static uint64_t work_ns; /* handling one input, smoothed */
-static uint64_t spin_until_ns;
-static uint64_t spin_started_ns;
+static __thread struct ev_loop *poll_loop;
+static __thread ev_idle spin_watcher;
+static __thread uint64_t idle_limit_ns; /* spin while the idle time is shorter; 0: never */
+static __thread uint64_t last_begin_ns;
+static __thread uint64_t gap_ns = GAP_SAMPLE_CAP_NS; /* between inputs, smoothed */
+static __thread uint64_t work_ns; /* handling one input, smoothed */
+static __thread uint64_t spin_until_ns;
+static __thread uint64_t spin_started_ns;
 
 /* For the debug report at exit. */
-static struct {
+static __thread struct {
   uint64_t inputs;
   uint64_t caught; /* inputs that arrived while spinning */
   uint64_t slept; /* windows that ran out: the loop went to sleep */

@@ -31,7 +31,7 @@ struct conn *conn_new(int rfd, int wfd)
     free(conn);
     return NULL;
   }
-  conn->id = ++next_conn_id;
+  conn->id = __atomic_add_fetch(&next_conn_id, 1, __ATOMIC_RELAXED);
   conn->rfd = rfd;
   conn->wfd = wfd;
   pthread_mutex_init(&conn->lock, NULL);
@@ -86,19 +86,6 @@ static struct request *request_new(void)
 
 void conn_free(struct conn *conn)
 {
-  if (conn->top) {
-    /* Other connections' requests may be running in workers: a plugin
-     * that asked for one request at a time server-wide must not see its
-     * close run beside them. */
-    bool serialize = thread_model <= NBDSERVE_THREAD_MODEL_SERIALIZE_ALL_REQUESTS;
-    if (serialize)
-      pthread_mutex_lock(&all_requests_lock);
-    current_identity = &conn->identity;
-    chain_close(conn->top);
-    current_identity = NULL;
-    if (serialize)
-      pthread_mutex_unlock(&all_requests_lock);
-  }
   struct request *req, *next;
   for (req = conn->free_requests; req; req = next) {
     next = req->next;

@@ -1,11 +1,12 @@
-/* nbdserve - per-connection state shared by loop.c, conn.c, handshake.c,
- * transmission.c and replies.c.
+/* nbdserve - per-connection state shared by connection.c, conn.c,
+ * handshake.c, transmission.c, replies.c and exec.c.
  *
- * Ownership: the loop thread owns reading, the handshake buffers and the
- * connection's life; workers own the requests they run.  Three locks:
+ * Ownership: the connection's loop thread owns reading, the handshake
+ * buffers and the connection's life; workers own the requests they run.
+ * Three locks:
  *   send_lock  - the socket's write side and the queue of unsent replies;
  *   lock       - the free request slots and the in-flight count;
- *   kick_lock  - (global) the list of connections the loop must look at.
+ *   kick_lock  - (the loop's) the list of connections the loop must look at.
  * Lock order: send_lock, then lock, then kick_lock.
  *
  * SPDX-License-Identifier: BSD-3-Clause
@@ -38,6 +39,7 @@
 #define INBUF_SIZE (64 * 1024)
 
 struct conn;
+struct loop;
 
 struct request {
   struct job job; /* for the worker pool; must stay first */
@@ -88,15 +90,15 @@ struct selected_context {
 
 struct conn {
   unsigned id;
+  struct loop *loop; /* the loop that owns it, from accept to close */
   int rfd, wfd; /* same socket, except for -s (stdin/stdout) */
   struct tls_session *tls; /* after STARTTLS; its I/O is the loop thread's only */
-  struct conn *prev_conn, *next_conn; /* all connections, loop-owned */
+  struct conn *prev_conn, *next_conn; /* the loop's connections */
   ev_io rio, wio;
   ev_timer handshake_timer;
   enum conn_state state;
   bool read_paused; /* parsing stopped for backpressure */
   bool input_ended; /* the client closed its side while requests waited in inbuf */
-  bool hard_close; /* drop without waiting (write error) */
 
   /* Input (loop thread only). */
   /* Separate and not zeroed, so that the pages an idle connection never
@@ -105,10 +107,9 @@ struct conn {
   size_t in_start, in_end;
   struct request *partial; /* write whose payload is still arriving */
   size_t partial_got;
-  uint64_t discard_left; /* payload bytes to skip (refused request) */
 
   /* Handshake (loop thread, or the worker processing an option). */
-  bool fixed_newstyle, no_zeroes, structured, extended;
+  bool no_zeroes, structured, extended;
   unsigned options_seen;
   bool opt_header_seen; /* opt_type/opt_len valid, payload arriving */
   uint32_t opt_type, opt_len; /* option being received / processed */
@@ -117,6 +118,8 @@ struct conn {
   enum option_result opt_result; /* set by the worker, under lock */
   bool opt_running; /* a worker owns hs_out (under lock) */
   struct job option_job;
+  struct job close_job; /* the chain's close, on a worker */
+  bool close_running; /* under lock: close_job has not finished */
   struct bytebuf hs_out;
   char *meta_export; /* export the selected contexts were chosen for */
   struct selected_context *contexts;
@@ -128,7 +131,10 @@ struct conn {
   struct conn_identity identity;
   int64_t size;
   uint16_t eflags;
-  uint32_t bs_min, bs_pref, bs_max;
+  uint32_t bs_min, bs_pref, bs_max; /* the chain's, as advertised */
+  /* Largest READ or WRITE taken: bs_max for a client that negotiated
+   * block sizes, else --max-payload if that is larger. */
+  uint32_t payload_max;
   bool readonly;
   int can_fua, can_cache;
   pthread_mutex_t request_lock; /* SERIALIZE_REQUESTS */
@@ -173,17 +179,36 @@ extern void bytebuf_put_u16(struct bytebuf *b, uint16_t v);
 extern void bytebuf_put_u32(struct bytebuf *b, uint32_t v);
 extern void bytebuf_put_u64(struct bytebuf *b, uint64_t v);
 
-/* loop.c */
-extern void conn_kick(struct conn *conn); /* ask the loop to look at conn */
-extern bool in_loop_thread(void);
-extern void dispatch_job(struct job *job); /* worker, or inline for never-blocking chains */
+/* connection.c: the I/O state machine (the connection's loop thread) */
+extern void conn_start(struct loop *loop, int rfd, int wfd);
+extern void conn_service(struct conn *conn);
+extern void conn_kick(struct conn *conn); /* any thread, conn->lock held: ask its loop to look */
 extern void conn_close_when_idle(struct conn *conn);
 extern void conn_pause_for_option(struct conn *conn);
 extern void conn_resume_after_option(struct conn *conn);
 extern void conn_start_tls(struct conn *conn); /* after the STARTTLS reply went out */
-extern bool run_inline; /* chain never blocks: run requests on the loop thread */
+extern void conn_handshake_done(struct conn *conn); /* transmission begins */
+extern void connections_close_all(struct loop *loop); /* shutdown */
+extern void connections_drop_unsent(struct loop *loop, double grace);
+
+/* accept.c: listening sockets and the count of open connections (main loop) */
+extern void accept_start(struct ev_loop *ev, const int *fds, size_t nfds, void (*adopt)(int fd),
+                         void (*all_closed)(void));
+extern void accept_stop(void);
+extern void accept_finish(void);
+extern void connection_opened(void);
+extern void connection_closed(void); /* any thread */
+
+/* exec.c: where chain calls run, and the thread model's locks */
+enum call_kind { CALL_CONNECTION, /* options, open, close */ CALL_REQUEST };
+extern bool run_inline; /* chain never blocks: requests run on the loop threads */
 extern int thread_model;
-extern pthread_mutex_t all_requests_lock; /* SERIALIZE_ALL_REQUESTS */
+extern void exec_setup(void);
+extern void exec_finish(void);
+extern void dispatch_job(struct job *job); /* worker, or inline for never-blocking chains */
+extern pthread_mutex_t *exec_begin(struct conn *conn, enum call_kind kind);
+extern void exec_end(pthread_mutex_t *lock);
+extern void exec_close(struct conn *conn); /* the chain's close, if it is open */
 
 /* handshake.c */
 extern void handshake_start(struct conn *conn); /* queue the greeting */

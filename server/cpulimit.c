@@ -188,3 +188,14 @@ unsigned affinity_cpus(void)
     return 1;
   return (unsigned) CPU_COUNT(&cpus);
 }
+
+unsigned usable_cpus(void)
+{
+  unsigned cpus = affinity_cpus();
+  double quota = cgroup_cpu_quota();
+  if (quota > 0 && quota < cpus) {
+    unsigned whole = (unsigned) quota;
+    cpus = whole < quota ? whole + 1 : whole;
+  }
+  return cpus ? cpus : 1;
+}

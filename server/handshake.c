@@ -205,6 +205,8 @@ static int open_export(struct conn *conn, const char *requested, char *msg, size
     conn->bs_min = 1;
   if (conn->bs_pref < conn->bs_min)
     conn->bs_pref = conn->bs_min;
+  /* Until the client shows it knows the limits (opt_info_go). */
+  conn->payload_max = MAX(conn->bs_max, opt.max_payload);
   conn->eflags = transmission_flags(conn);
   return 0;
 
@@ -303,7 +305,7 @@ static enum option_result opt_info_go(struct conn *conn)
   struct reader r = { conn->opt_data, conn->opt_len, false };
   char *name = read_string(&r, MAX_EXPORT_NAME);
   uint16_t nreq = read_u16(&r);
-  bool want_name = false, want_desc = false;
+  bool want_name = false, want_desc = false, want_block_size = false;
 
   if (!r.bad && r.left != 2u * nreq)
     r.bad = true;
@@ -311,6 +313,7 @@ static enum option_result opt_info_go(struct conn *conn)
     uint16_t info = read_u16(&r);
     want_name |= info == NBD_INFO_NAME;
     want_desc |= info == NBD_INFO_DESCRIPTION;
+    want_block_size |= info == NBD_INFO_BLOCK_SIZE;
   }
   if (r.bad) {
     free(name);
@@ -345,6 +348,11 @@ static enum option_result opt_info_go(struct conn *conn)
   uint32_t bs[3] = { htobe32(conn->bs_min), htobe32(conn->bs_pref), htobe32(conn->bs_max) };
   reply_info(conn, NBD_INFO_BLOCK_SIZE, bs, sizeof bs);
   reply_ack(conn);
+  /* A client that asked for the block sizes is held to them; one that
+   * did not may not know them, and gets up to --max-payload, split for
+   * the chain (transmission.c). */
+  if (want_block_size)
+    conn->payload_max = conn->bs_max;
 
   /* Contexts selected for another export do not carry over. */
   if (go && (conn->meta_export == NULL || strcmp(conn->meta_export, name) != 0))
@@ -495,15 +503,9 @@ static enum option_result process_option(struct conn *conn)
 static void option_job_run(struct job *job)
 {
   struct conn *conn = (struct conn *) ((char *) job - offsetof(struct conn, option_job));
-  bool serialize = thread_model <= NBDSERVE_THREAD_MODEL_SERIALIZE_ALL_REQUESTS;
-
-  if (serialize)
-    pthread_mutex_lock(&all_requests_lock);
-  current_identity = &conn->identity;
+  pthread_mutex_t *lock = exec_begin(conn, CALL_CONNECTION);
   enum option_result result = process_option(conn);
-  current_identity = NULL;
-  if (serialize)
-    pthread_mutex_unlock(&all_requests_lock);
+  exec_end(lock);
 
   pthread_mutex_lock(&conn->lock);
   conn->opt_result = result;
@@ -521,7 +523,7 @@ static void oldstyle_job_run(struct job *job)
   char msg[256];
   enum option_result result = OPTION_CLOSE;
 
-  current_identity = &conn->identity;
+  pthread_mutex_t *lock = exec_begin(conn, CALL_CONNECTION);
   if (open_export(conn, "", msg, sizeof msg) == 0) {
     static const char zeroes[124];
     struct bytebuf *b = &conn->hs_out;
@@ -532,7 +534,7 @@ static void oldstyle_job_run(struct job *job)
     bytebuf_append(b, zeroes, sizeof zeroes);
     result = OPTION_TRANSMIT;
   }
-  current_identity = NULL;
+  exec_end(lock);
   pthread_mutex_lock(&conn->lock);
   conn->opt_result = result;
   conn->opt_running = false;
@@ -599,7 +601,6 @@ bool handshake_input(struct conn *conn)
       nbdserve_error("connection %u: unknown client flags 0x%x", conn->id, cflags);
       return false;
     }
-    conn->fixed_newstyle = cflags & NBD_FLAG_C_FIXED_NEWSTYLE;
     conn->no_zeroes = cflags & NBD_FLAG_C_NO_ZEROES;
     conn->state = CONN_OPTIONS;
   }
@@ -672,7 +673,7 @@ void handshake_option_finished(struct conn *conn)
                    conn->export_name, (long long) conn->size, conn->eflags,
                    conn->structured ? ", structured replies" : "",
                    conn->extended ? ", extended headers" : "");
-    ev_timer_stop(ev_default_loop(0), &conn->handshake_timer);
+    conn_handshake_done(conn);
     conn->state = CONN_TRANSMISSION; /* the loop flushed hs_out already */
     conn_resume_after_option(conn);
     return;

@@ -47,6 +47,8 @@ struct options {
   const char *run; /* --run CMD */
   const char *export_name; /* -e NAME: name shown in $uri and used with -o */
   unsigned threads; /* -t N: worker threads */
+  unsigned loops; /* --loops N: connection loops (threads) */
+  uint32_t max_payload; /* --max-payload SIZE: for clients that negotiated no block size */
   double handshake_timeout; /* --handshake-timeout SECONDS; 0 = no limit */
   unsigned max_connections; /* --max-connections N; 0 = no limit */
   unsigned busy_poll_us; /* --busy-poll US; 0 = never spin */
@@ -62,9 +64,6 @@ extern struct options opt;
 /* For the parent left waiting in daemonize: the SIGINT and SIGTERM
  * actions the process started with, unblocked. */
 extern void restore_inherited_signals(void);
-
-/* Set by the --run child's exit; main returns it. */
-extern int captive_exit_status;
 
 /* ---- log.c --------------------------------------------------------------- */
 /* nbdserve_error / nbdserve_debug (public) do the work; after daemonizing,
@@ -219,6 +218,9 @@ extern unsigned affinity_cpus(void); /* CPUs sched_getaffinity allows */
 /* The tightest cgroup CPU quota over us, in CPUs (1.5: 150 ms per
  * 100 ms); 0 when none is set or none can be read. */
 extern double cgroup_cpu_quota(void);
+/* The CPUs this process may keep busy: its affinity, capped by the
+ * cgroup quota (rounded up), at least 1. */
+extern unsigned usable_cpus(void);
 
 /* ---- busypoll.c: spinning the loop thread under heavy load -------------- */
 #define BUSY_POLL_DEFAULT_US 100
@@ -232,7 +234,7 @@ extern uint64_t busy_poll_work_begins(void);
 extern void busy_poll_work_ends(uint64_t began);
 extern void busy_poll_report(void); /* debug: what it did */
 
-/* ---- loop.c / conn.c / handshake.c / transmission.c --------------------- */
+/* ---- loop.c: the loops and the process's life ------------------------------ */
 extern int serve(const int *listen_fds, size_t nfds); /* runs the loop; returns exit status */
 extern void serve_one_connection(int rfd, int wfd); /* fuzzing: one connection, in this thread */
 extern void request_shutdown(void); /* async-signal-safe and thread-safe */

@@ -27,10 +27,10 @@
 #include <mbedtls/version.h>
 
 #include "internal.h"
+#include "protocol.h"
 #include "tls.h"
 
 struct options opt;
-int captive_exit_status;
 
 /* Long options with no short form. */
 enum {
@@ -49,6 +49,8 @@ enum {
   OPT_ALLOW,
   OPT_DENY,
   OPT_NO_INLINE,
+  OPT_LOOPS,
+  OPT_MAX_PAYLOAD,
 };
 
 /* The leading ':' makes getopt report a missing argument as ':' and stay
@@ -83,6 +85,8 @@ static const struct option long_options[] = {
   { "max-connections", required_argument, NULL, OPT_MAX_CONNECTIONS },
   { "busy-poll", required_argument, NULL, OPT_BUSY_POLL },
   { "no-inline", no_argument, NULL, OPT_NO_INLINE },
+  { "loops", required_argument, NULL, OPT_LOOPS },
+  { "max-payload", required_argument, NULL, OPT_MAX_PAYLOAD },
   { "tls-strict-keys", no_argument, NULL, OPT_TLS_STRICT_KEYS },
   { "user", required_argument, NULL, 'u' },
   { "group", required_argument, NULL, 'g' },
@@ -92,6 +96,7 @@ static const struct option long_options[] = {
 };
 
 #define MAX_THREADS 1024
+#define MAX_LOOPS 1024
 #define MAX_EXPORT_NAME 4096 /* the protocol's limit on names */
 
 /* What the command line asked for besides struct options. */
@@ -125,7 +130,11 @@ static void usage(FILE *fp)
 "                            when it exits and exit with its status (implies -f)\n"
 "      --exit-with-parent    stop when the parent process exits (implies -f)\n"
 "  -P, --pidfile FILE        write the server's PID to FILE once it is ready\n"
-"  -t, --threads N           worker threads (default: 2 per CPU, at least 4)\n"
+"  -t, --threads N           worker threads (default: 2 per usable CPU, at least 4)\n"
+"      --loops N             connection loops, one thread each (default: the\n"
+"                            CPUs this process may use)\n"
+"      --max-payload SIZE    largest read or write a client that negotiated no\n"
+"                            block size may send (default 64M)\n"
 "      --no-inline           run requests on worker threads even when the\n"
 "                            plugin and filters never block\n"
 "      --max-connections N   serve at most N clients at once; more are refused\n"
@@ -187,10 +196,12 @@ static void print_version(void)
   printf("mbedtls %s\n", mbedtls);
 }
 
+/* Counted like the loops: affinity and the cgroup's CPU quota, not the
+ * machine's CPUs, which a container may be far from owning. */
 static unsigned default_threads(void)
 {
-  long cpus = sysconf(_SC_NPROCESSORS_ONLN);
-  unsigned n = cpus > 0 && cpus < MAX_THREADS / 2 ? 2 * (unsigned) cpus : 4;
+  unsigned cpus = usable_cpus();
+  unsigned n = cpus < MAX_THREADS / 2 ? 2 * cpus : MAX_THREADS;
   return n < 4 ? 4 : n;
 }
 
@@ -221,6 +232,26 @@ static double parse_handshake_timeout(const char *arg)
     die("--handshake-timeout: '%s' is not a number of seconds from 0 (no limit) to 86400",
         arg);
   return seconds;
+}
+
+static unsigned parse_loops(const char *arg)
+{
+  long n;
+  if (!whole_number_in(arg, 1, MAX_LOOPS, &n))
+    die("--loops: '%s' is not a number of loops between 1 and %d", arg, MAX_LOOPS);
+  return (unsigned) n;
+}
+
+/* The payload cap, from the largest request the protocol's 32-bit
+ * lengths can carry in a simple request down to 1 MiB. */
+static uint32_t parse_max_payload(const char *arg)
+{
+  int64_t n = nbdserve_parse_size(arg);
+  if (n == -1)
+    exit(EXIT_FAILURE);
+  if (n < (1 << 20) || n > MAX_PAYLOAD_LIMIT)
+    die("--max-payload: '%s' is out of range (1M to %dM)", arg, MAX_PAYLOAD_LIMIT >> 20);
+  return (uint32_t) n;
 }
 
 static unsigned parse_max_connections(const char *arg)
@@ -367,6 +398,8 @@ static void parse_options(int argc, char **argv, struct command *cmd)
     case OPT_DUMP_PLUGIN: cmd->dump_plugin = true; break;
     case OPT_HANDSHAKE_TIMEOUT: opt.handshake_timeout = parse_handshake_timeout(optarg); break;
     case OPT_BUSY_POLL: opt.busy_poll_us = parse_busy_poll(optarg); break;
+    case OPT_LOOPS: opt.loops = parse_loops(optarg); break;
+    case OPT_MAX_PAYLOAD: opt.max_payload = parse_max_payload(optarg); break;
     case OPT_NO_INLINE: opt.no_inline = true; break;
     case OPT_MAX_CONNECTIONS: opt.max_connections = parse_max_connections(optarg); break;
     case ':':
@@ -521,6 +554,7 @@ int main(int argc, char **argv)
   note_parent();
   opt.handshake_timeout = 10; /* seconds, unless --handshake-timeout says otherwise */
   opt.busy_poll_us = BUSY_POLL_DEFAULT_US;
+  opt.max_payload = MAX_PAYLOAD_DEFAULT;
   parse_options(argc, argv, &cmd);
 
   if (cmd.version) {
@@ -553,6 +587,8 @@ int main(int argc, char **argv)
     opt.foreground = true;
   if (opt.threads == 0)
     opt.threads = default_threads();
+  if (opt.loops == 0)
+    opt.loops = usable_cpus();
 
   load_chain(cmd.plugin, cmd.filters, cmd.nfilters);
   configure_chain(&cmd);

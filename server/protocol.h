@@ -183,7 +183,11 @@ struct nbd_extended_reply {
 /* Limits of this server. */
 #define MAX_OPTION_LENGTH (64 * 1024) /* longer options are refused unread */
 #define MAX_OPTIONS 16384 /* options per handshake (nbdinfo --list sends one per export) */
-#define MAX_REQUEST_SIZE (32 * 1024 * 1024) /* read/write payload cap */
+#define MAX_REQUEST_SIZE (32 * 1024 * 1024) /* the largest maximum block size advertised */
+/* --max-payload: what clients that negotiated no block size (EXPORT_NAME,
+ * or GO without NBD_INFO_BLOCK_SIZE) may send in one READ or WRITE. */
+#define MAX_PAYLOAD_DEFAULT (64 * 1024 * 1024)
+#define MAX_PAYLOAD_LIMIT (256 * 1024 * 1024)
 #define MAX_EXPORT_NAME 4096
 #define MAX_CONTEXTS_PER_CONN 256
 

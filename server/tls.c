@@ -16,6 +16,7 @@
  */
 #include <ctype.h>
 #include <errno.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -47,8 +48,6 @@ struct psk {
 };
 
 static mbedtls_ssl_config config;
-static mbedtls_entropy_context entropy;
-static mbedtls_ctr_drbg_context drbg;
 static mbedtls_x509_crt ca_chain, server_chain;
 static mbedtls_x509_crl crl;
 static mbedtls_pk_context server_key;
@@ -248,26 +247,71 @@ static int psk_callback(void *unused, mbedtls_ssl_context *ssl, const unsigned c
   return -1;
 }
 
+/* mbedtls is built without its threading layer, so a random generator
+ * must never be shared between threads: each connection loop's thread
+ * seeds its own on first use (the shared configuration calls
+ * random_bytes, which picks the caller's). */
+struct thread_rng {
+  mbedtls_entropy_context entropy;
+  mbedtls_ctr_drbg_context drbg;
+};
+static pthread_key_t rng_key;
+static __thread struct thread_rng *rng;
+
+static void rng_free(void *p)
+{
+  struct thread_rng *r = p;
+  mbedtls_ctr_drbg_free(&r->drbg);
+  mbedtls_entropy_free(&r->entropy);
+  free(r);
+}
+
+static struct thread_rng *thread_rng(void)
+{
+  if (rng)
+    return rng;
+  struct thread_rng *r = calloc(1, sizeof *r);
+  if (r == NULL)
+    return NULL;
+  mbedtls_entropy_init(&r->entropy);
+  mbedtls_ctr_drbg_init(&r->drbg);
+  static const unsigned char personal[] = "nbdserve";
+  int err = mbedtls_ctr_drbg_seed(&r->drbg, mbedtls_entropy_func, &r->entropy, personal,
+                                  sizeof personal - 1);
+  if (err != 0) {
+    nbdserve_error("TLS: seeding the random generator: %s", tls_strerror(err));
+    rng_free(r);
+    return NULL;
+  }
+  pthread_setspecific(rng_key, r);
+  rng = r;
+  return r;
+}
+
+static int random_bytes(void *unused, unsigned char *out, size_t len)
+{
+  (void) unused;
+  struct thread_rng *r = thread_rng();
+  if (r == NULL)
+    return MBEDTLS_ERR_CTR_DRBG_ENTROPY_SOURCE_FAILED;
+  return mbedtls_ctr_drbg_random(&r->drbg, out, len);
+}
+
 void tls_setup(void)
 {
   mbedtls_ssl_config_init(&config);
-  mbedtls_entropy_init(&entropy);
-  mbedtls_ctr_drbg_init(&drbg);
   mbedtls_x509_crt_init(&ca_chain);
   mbedtls_x509_crt_init(&server_chain);
   mbedtls_x509_crl_init(&crl);
   mbedtls_pk_init(&server_key);
 
-  static const unsigned char personal[] = "nbdserve";
-  int r = mbedtls_ctr_drbg_seed(&drbg, mbedtls_entropy_func, &entropy, personal,
-                                sizeof personal - 1);
-  if (r != 0)
-    die("TLS: seeding the random generator: %s", tls_strerror(r));
-  r = mbedtls_ssl_config_defaults(&config, MBEDTLS_SSL_IS_SERVER, MBEDTLS_SSL_TRANSPORT_STREAM,
+  if (pthread_key_create(&rng_key, rng_free) != 0 || thread_rng() == NULL)
+    die("TLS: cannot set up a random generator");
+  int r = mbedtls_ssl_config_defaults(&config, MBEDTLS_SSL_IS_SERVER, MBEDTLS_SSL_TRANSPORT_STREAM,
                                   MBEDTLS_SSL_PRESET_DEFAULT);
   if (r != 0)
     die("TLS: %s", tls_strerror(r));
-  mbedtls_ssl_conf_rng(&config, mbedtls_ctr_drbg_random, &drbg);
+  mbedtls_ssl_conf_rng(&config, random_bytes, NULL);
   /* TLS 1.2 at least: older versions have known weaknesses. */
   mbedtls_ssl_conf_min_version(&config, MBEDTLS_SSL_MAJOR_VERSION_3,
                                MBEDTLS_SSL_MINOR_VERSION_3);
@@ -295,8 +339,11 @@ void tls_cleanup(void)
   mbedtls_x509_crt_free(&server_chain);
   mbedtls_x509_crt_free(&ca_chain);
   mbedtls_ssl_config_free(&config);
-  mbedtls_ctr_drbg_free(&drbg);
-  mbedtls_entropy_free(&entropy);
+  if (rng) {
+    pthread_setspecific(rng_key, NULL);
+    rng_free(rng);
+    rng = NULL;
+  }
 }
 
 /* ---- The socket under a session ---------------------------------------- */

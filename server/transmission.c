@@ -114,14 +114,14 @@ static uint32_t check_request(const struct conn *conn, const struct request *req
 
   switch (req->type) {
   case NBD_CMD_READ:
-    if (req->count == 0 || req->count > conn->bs_max)
+    if (req->count == 0 || req->count > conn->payload_max)
       return NBD_EINVAL;
     return in_bounds(conn, req->offset, req->count) ? 0 : NBD_EINVAL;
 
   case NBD_CMD_WRITE:
     if (conn->readonly)
       return NBD_EPERM;
-    if (req->count == 0 || req->count > conn->bs_max)
+    if (req->count == 0 || req->count > conn->payload_max)
       return NBD_EINVAL;
     return in_bounds(conn, req->offset, req->count) ? 0 : NBD_ENOSPC;
 
@@ -236,9 +236,28 @@ static size_t plan_sparse_read(struct request *req, struct read_segment *segs)
   return nsegs;
 }
 
-static int do_read(struct request *req)
+/* Reads or writes [offset, offset+count) in calls no larger than the
+ * chain's maximum block size: a client that negotiated no block size may
+ * send up to --max-payload in one request. */
+static int data_in_pieces(struct request *req, char *buf, uint64_t count, uint64_t offset,
+                          uint32_t flags)
 {
   struct conn *conn = req->conn;
+  while (count > 0) {
+    uint32_t n = (uint32_t) MIN(count, (uint64_t) conn->bs_max);
+    int r = req->type == NBD_CMD_WRITE ? nbdserve_next_pwrite(conn->top, buf, n, offset, flags)
+                                       : nbdserve_next_pread(conn->top, buf, n, offset, flags);
+    if (r == -1)
+      return -1;
+    buf += n;
+    offset += n;
+    count -= n;
+  }
+  return 0;
+}
+
+static int do_read(struct request *req)
+{
   struct read_segment segs[MAX_READ_SEGMENTS];
 
   if (request_reserve(req, req->count) == -1) {
@@ -247,15 +266,15 @@ static int do_read(struct request *req)
   }
   size_t nsegs = plan_sparse_read(req, segs);
   if (nsegs == 0) {
-    if (nbdserve_next_pread(conn->top, req->buf, (uint32_t) req->count, req->offset, 0) == -1)
+    if (data_in_pieces(req, req->buf, req->count, req->offset, 0) == -1)
       return -1;
   }
   else {
     for (size_t i = 0; i < nsegs; i++) {
       if (segs[i].hole)
         continue;
-      if (nbdserve_next_pread(conn->top, req->buf + (segs[i].offset - req->offset),
-                              (uint32_t) segs[i].length, segs[i].offset, 0) == -1)
+      if (data_in_pieces(req, req->buf + (segs[i].offset - req->offset), segs[i].length,
+                         segs[i].offset, 0) == -1)
         return -1;
     }
   }
@@ -360,7 +379,7 @@ static int run_request(struct request *req)
   case NBD_CMD_BLOCK_STATUS:
     return do_block_status(req);
   case NBD_CMD_WRITE:
-    r = nbdserve_next_pwrite(top, req->buf, (uint32_t) req->count, req->offset, flags);
+    r = data_in_pieces(req, req->buf, req->count, req->offset, flags);
     break;
   case NBD_CMD_FLUSH:
     r = nbdserve_next_flush(top, 0);
@@ -387,20 +406,10 @@ static void execute_request(struct job *job)
 {
   struct request *req = (struct request *) job;
   struct conn *conn = req->conn;
-  pthread_mutex_t *lock = NULL;
-
-  if (thread_model <= NBDSERVE_THREAD_MODEL_SERIALIZE_ALL_REQUESTS)
-    lock = &all_requests_lock;
-  else if (thread_model == NBDSERVE_THREAD_MODEL_SERIALIZE_REQUESTS)
-    lock = &conn->request_lock;
-  if (lock)
-    pthread_mutex_lock(lock);
-  current_identity = &conn->identity;
+  pthread_mutex_t *lock = exec_begin(conn, CALL_REQUEST);
   int r = run_request(req);
   int err = errno;
-  current_identity = NULL;
-  if (lock)
-    pthread_mutex_unlock(lock);
+  exec_end(lock);
 
   if (r == -1) {
     uint32_t nbd_err = errno_to_nbd(err);
@@ -516,10 +525,12 @@ bool transmission_input(struct conn *conn)
       payload = (req->flags & NBD_CMD_FLAG_PAYLOAD_LEN) ? req->count : 0;
     else if (req->type == NBD_CMD_WRITE)
       payload = req->count;
-    /* Refused requests hold nothing: their payload is skipped, their
-     * reply is a header. */
+    /* A refused read holds no buffer (its reply is a header); a refused
+     * write's payload is still read, into the request's buffer, to keep
+     * the stream in step.  Only payloads over the cap are not read. */
+    uint64_t cap = MAX(conn->bs_max, opt.max_payload);
     uint64_t weight = req->type == NBD_CMD_READ ? req->count : payload;
-    if (weight <= MAX_REQUEST_SIZE)
+    if (weight <= cap)
       request_set_weight(req, weight);
 
     if (req->type == NBD_CMD_DISC) {
@@ -527,10 +538,10 @@ bool transmission_input(struct conn *conn)
       request_put(req);
       return false; /* in-flight requests finish, then we close */
     }
-    if (payload > MAX_REQUEST_SIZE) {
+    if (payload > cap) {
       nbdserve_error("connection %u: request payload of %llu bytes is over the limit of "
-                     "%d, disconnecting", conn->id, (unsigned long long) payload,
-                     MAX_REQUEST_SIZE);
+                     "%llu, disconnecting", conn->id, (unsigned long long) payload,
+                     (unsigned long long) cap);
       request_put(req);
       return false;
     }

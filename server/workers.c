@@ -112,10 +112,10 @@ void workers_start(unsigned nthreads)
 
 /* Jobs the loop thread parsed from one read, held back so that they
  * enter the queue under one lock and the wake-ups are decided for the
- * whole batch (see workers_hold).  Loop thread only. */
-static struct job *held_head, *held_tail;
-static unsigned nr_held;
-static bool holding;
+ * whole batch (see workers_hold).  Each loop thread holds its own. */
+static __thread struct job *held_head, *held_tail;
+static __thread unsigned nr_held;
+static __thread bool holding;
 
 void workers_hold(void)
 {

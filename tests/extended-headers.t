@@ -72,8 +72,8 @@ expect errs "errors come as extended error chunks" \
 raw compact hello extended go 'req READ len=512 ext=0 cookie=1' 'req READ len=512 ext=0 cookie=2' wait-eof
 expect compact "compact request after negotiating extended headers: disconnect" '^EOF$' '!^reply cookie=1 error=OK'
 
-raw overpl hello extended go 'req WRITE off=0 len=64M flags=PAYLOAD_LEN cookie=1' wait-eof
-expect overpl "PAYLOAD_LEN over the 32M limit: disconnect" '^EOF$'
+raw overpl hello extended go 'req WRITE off=0 len=65M flags=PAYLOAD_LEN cookie=1' wait-eof
+expect overpl "PAYLOAD_LEN over the 64M --max-payload limit: disconnect" '^EOF$'
 
 raw sr hello structured extended go 'req READ off=65536 len=8 cookie=1' recv
 expect sr "structured replies first, then extended headers: extended wins" \

@@ -23,7 +23,7 @@ fs_type() { stat -f -c %T "$1"; }
 in_ram() { case $(fs_type "$1") in tmpfs|ramfs) return 0 ;; esac; return 1; }
 
 serve memory memory 1M
-is "memory: on the loop thread" "$(ran_on memory)" "on the loop thread"
+is "memory: on the loop threads" "$(ran_on memory)" "on the loop threads"
 serve noinline --no-inline memory 1M
 is "--no-inline: on worker threads" "$(ran_on noinline)" \
     "on worker threads (--no-inline)"
@@ -35,8 +35,8 @@ is "a filter that may block (delay) puts the chain on workers" "$(ran_on delay)"
 if in_ram "$tmp"; then
     truncate -s 1M "$tmp/ram.img"
     serve ramfile file "$tmp/ram.img"
-    is "file in RAM ($(fs_type "$tmp")): on the loop thread" "$(ran_on ramfile)" \
-        "on the loop thread"
+    is "file in RAM ($(fs_type "$tmp")): on the loop threads" "$(ran_on ramfile)" \
+        "on the loop threads"
     contains "file in RAM: the plugin says why" "$tmp/ramfile.log" \
         "file: $tmp/ram.img is in RAM \($(fs_type "$tmp")\): requests need no worker threads"
     mkdir -p "$tmp/dir"; truncate -s 1M "$tmp/dir/a.img"
@@ -135,10 +135,10 @@ build_plugin old.so -DOLD_STRUCT "$tmp/decides.c"
 serve cb0 "$tmp/decides.so" inline=0
 is "never_blocks() = 0 overrides the flag: on worker threads" "$(ran_on cb0)" "on worker threads"
 serve cb1 "$tmp/decides.so" inline=1
-is "never_blocks() = 1: on the loop thread" "$(ran_on cb1)" \
-    "on the loop thread"
+is "never_blocks() = 1: on the loop threads" "$(ran_on cb1)" \
+    "on the loop threads"
 serve cbneg "$tmp/decides.so" inline=-1
 is "never_blocks() = -1 (an error) counts as 'may block'" "$(ran_on cbneg)" "on worker threads"
 serve old "$tmp/old.so" inline=0
-is "a plugin built before the callback: its flag decides" "$(ran_on old)" "on the loop thread"
+is "a plugin built before the callback: its flag decides" "$(ran_on old)" "on the loop threads"
 finish

@@ -4,7 +4,7 @@
 # server goes on serving other clients.
 . "$(dirname "$0")/lib/functions.sh"
 . "$(dirname "$0")/lib/raw.sh"
-plan 44
+plan 45
 
 start_server raw memory 64M
 
@@ -131,12 +131,18 @@ expect simple "without structured replies: simple replies, errors too, data in s
     '^reply cookie=3 error=OK kind=simple' '^reply cookie=4 error=EINVAL kind=simple' \
     '^reply cookie=5 error=OK kind=simple' '!kind=structured'
 
-raw bigread hello structured go 'req READ len=64M cookie=3' recv 'req READ len=8 cookie=4' recv
-expect bigread "read over the 32M limit: EINVAL/EOVERFLOW or disconnect" \
+# A client that negotiated no block size may send up to --max-payload
+# (64M by default, split for the plugin); one that asked for the block
+# sizes is held to the advertised maximum (32M).
+raw bigread hello structured go 'req READ len=65M cookie=3' recv 'req READ len=8 cookie=4' recv
+expect bigread "read over the 64M --max-payload limit: EINVAL/EOVERFLOW or disconnect" \
     '^(reply cookie=3 error=(EINVAL|EOVERFLOW)|EOF)' '!^reply cookie=3 error=OK'
+raw bsread hello structured go-bs 'req READ len=33M cookie=3' recv 'req READ len=32M cookie=4' recv
+expect bsread "after GO with NBD_INFO_BLOCK_SIZE: a read over the advertised 32M is EINVAL, 32M is served" \
+    '^chunk cookie=3 type=ERROR .* error=EINVAL' '^chunk cookie=4 type=OFFSET_DATA'
 
-raw bigwrite hello structured go 'req WRITE off=0 len=64M cookie=3' wait-eof
-expect bigwrite "write payload over the limit (no payload sent): disconnect" '^EOF$' '!^reply cookie=3'
+raw bigwrite hello structured go 'req WRITE off=0 len=65M cookie=3' wait-eof
+expect bigwrite "write payload over the 64M limit (no payload sent): disconnect" '^EOF$' '!^reply cookie=3'
 
 raw bigwrite2 hello structured go 'req WRITE off=0 len=0xffffffff cookie=3' wait-eof
 expect bigwrite2 "write of 4G-1: disconnect" '^EOF$'

@@ -22,6 +22,7 @@
  *   list-meta Q... | set-meta Q...  meta context option, export "",
  *                          queries Q ("-" alone means no query)
  *   go [NAME] | info [NAME]  NBD_OPT_GO / NBD_OPT_INFO, no info requests
+ *   go-bs [NAME]           NBD_OPT_GO asking for NBD_INFO_BLOCK_SIZE
  *   export-name [NAME]     NBD_OPT_EXPORT_NAME, then read size and flags
  *   req CMD [key=value]... send a request.  Keys: flags= (names joined by
  *                          '|' or a number), cookie=, off=, len=, magic=,
@@ -596,13 +597,16 @@ static uint32_t read_replies(void)
   return type;
 }
 
-/* GO or INFO with NAME and no information requests. */
-static void cmd_go(uint32_t option, const char *name)
+/* GO or INFO with NAME and no information requests, or with just
+ * NBD_INFO_BLOCK_SIZE (a client that promises to honour the limits). */
+static void cmd_go(uint32_t option, const char *name, bool want_block_size)
 {
   struct bytes b = { 0 };
   put_be(&b, strlen(name), 4);
   bytes_append(&b, name, strlen(name));
-  put_be(&b, 0, 2);
+  put_be(&b, want_block_size ? 1 : 0, 2);
+  if (want_block_size)
+    put_be(&b, 3, 2); /* NBD_INFO_BLOCK_SIZE */
   send_option(IHAVEOPT, option, (uint32_t) b.len, &b);
   free(b.ptr);
   read_replies();
@@ -985,8 +989,8 @@ static void run_command(char *line)
     NEED(1);
     cmd_meta(IS("list-meta") ? 9 : 10, n - 1, words + 1);
   }
-  else if (IS("go") || IS("info"))
-    cmd_go(IS("go") ? 7 : 6, n > 1 ? words[1] : "");
+  else if (IS("go") || IS("info") || IS("go-bs"))
+    cmd_go(IS("info") ? 6 : 7, n > 1 ? words[1] : "", IS("go-bs"));
   else if (IS("export-name"))
     cmd_export_name(n > 1 ? words[1] : "");
   else if (IS("req")) {
