@@ -234,10 +234,16 @@ int nbdserve_next_list_meta_contexts(struct nbdserve_next *ctx, const char *expo
 
 /* ---- Capabilities ---------------------------------------------------------- */
 
+/* Answers are asked once and kept.  Requests of one connection may run
+ * at once and ask together: each then gets the same answer from the
+ * layer, and the cached value is read and written atomically so that
+ * neither sees a torn one. */
+
 int64_t nbdserve_next_get_size(struct nbdserve_next *ctx)
 {
-  if (ctx->size != NOT_ASKED)
-    return ctx->size;
+  int64_t cached = __atomic_load_n(&ctx->size, __ATOMIC_RELAXED);
+  if (cached != NOT_ASKED)
+    return cached;
   struct layer *l = ctx->layer;
   int64_t size;
   if (!l->is_plugin)
@@ -246,7 +252,7 @@ int64_t nbdserve_next_get_size(struct nbdserve_next *ctx)
     size = PLUGIN_CALL(ctx, get_size);
   if (size < 0)
     return failed();
-  ctx->size = size;
+  __atomic_store_n(&ctx->size, size, __ATOMIC_RELAXED);
   return size;
 }
 
@@ -280,8 +286,9 @@ int nbdserve_next_block_size(struct nbdserve_next *ctx, uint32_t *minimum, uint3
 #define CAPABILITY(name, field, default_value)                                    \
   int nbdserve_next_##name(struct nbdserve_next *ctx)                              \
   {                                                                                \
-    if (ctx->field != NOT_ASKED)                                                   \
-      return ctx->field;                                                           \
+    int cached = __atomic_load_n(&ctx->field, __ATOMIC_RELAXED);                   \
+    if (cached != NOT_ASKED)                                                       \
+      return cached;                                                               \
     struct layer *l = ctx->layer;                                                  \
     int r;                                                                         \
     if (!l->is_plugin)                                                             \
@@ -290,7 +297,7 @@ int nbdserve_next_block_size(struct nbdserve_next *ctx, uint32_t *minimum, uint3
       r = l->plugin.name ? PLUGIN_CALL(ctx, name) : (default_value);               \
     if (r < 0)                                                                     \
       return failed();                                                             \
-    ctx->field = r;                                                                \
+    __atomic_store_n(&ctx->field, r, __ATOMIC_RELAXED);                            \
     return r;                                                                      \
   }
 

@@ -397,18 +397,21 @@ void bytebuf_append(struct bytebuf *b, const void *data, size_t len)
 
 void bytebuf_put_u16(struct bytebuf *b, uint16_t v)
 {
-  v = htobe16(v);
-  bytebuf_append(b, &v, sizeof v);
+  char field[2];
+  wire_put16(field, v);
+  bytebuf_append(b, field, sizeof field);
 }
 
 void bytebuf_put_u32(struct bytebuf *b, uint32_t v)
 {
-  v = htobe32(v);
-  bytebuf_append(b, &v, sizeof v);
+  char field[4];
+  wire_put32(field, v);
+  bytebuf_append(b, field, sizeof field);
 }
 
 void bytebuf_put_u64(struct bytebuf *b, uint64_t v)
 {
-  v = htobe64(v);
-  bytebuf_append(b, &v, sizeof v);
+  char field[8];
+  wire_put64(field, v);
+  bytebuf_append(b, field, sizeof field);
 }

@@ -20,6 +20,7 @@
 
 #include "internal.h"
 #include "protocol.h"
+#include "wire.h"
 
 /* Reply iovecs per request: header + data chunks of a sparse read. */
 #define REPLY_MAX_IOV 34
@@ -150,7 +151,8 @@ struct conn {
   bool write_failed;
   bool batching; /* inline mode: replies wait for one writev at the end */
   bool kicked; /* on the kick list (kick_lock) */
-  struct conn *next_kick;
+  struct conn *next_kick; /* kick list (kick_lock) */
+  struct conn *next_service; /* the kick list being served (loop thread) */
 };
 
 /* conn->lock held: may the connection take one more request, as far as

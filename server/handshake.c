@@ -63,28 +63,26 @@ struct reader {
 
 static uint32_t read_u32(struct reader *r)
 {
-  uint32_t v = 0;
   if (r->left < 4) {
     r->bad = true;
     return 0;
   }
-  memcpy(&v, r->p, 4);
+  uint32_t v = wire_get32(r->p);
   r->p += 4;
   r->left -= 4;
-  return be32toh(v);
+  return v;
 }
 
 static uint16_t read_u16(struct reader *r)
 {
-  uint16_t v = 0;
   if (r->left < 2) {
     r->bad = true;
     return 0;
   }
-  memcpy(&v, r->p, 2);
+  uint16_t v = wire_get16(r->p);
   r->p += 2;
   r->left -= 2;
-  return be16toh(v);
+  return v;
 }
 
 /* A length-prefixed string as a fresh C string; NULL if malformed
@@ -577,18 +575,16 @@ static size_t available(struct conn *conn)
 
 static uint32_t take_u32(struct conn *conn)
 {
-  uint32_t v;
-  memcpy(&v, conn->inbuf + conn->in_start, 4);
+  uint32_t v = wire_get32(conn->inbuf + conn->in_start);
   conn->in_start += 4;
-  return be32toh(v);
+  return v;
 }
 
 static uint64_t take_u64(struct conn *conn)
 {
-  uint64_t v;
-  memcpy(&v, conn->inbuf + conn->in_start, 8);
+  uint64_t v = wire_get64(conn->inbuf + conn->in_start);
   conn->in_start += 8;
-  return be64toh(v);
+  return v;
 }
 
 bool handshake_input(struct conn *conn)

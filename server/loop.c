@@ -53,15 +53,19 @@ static void kick_cb(struct ev_loop *l, ev_async *w, int revents)
 {
   (void) l, (void) revents;
   struct loop *loop = w->data;
+  /* Once unkicked, a connection may be kicked again (its next_kick
+   * rewritten) while we walk: walk a list of our own. */
   pthread_mutex_lock(&loop->kick_lock);
   struct conn *list = loop->kick_head;
   loop->kick_head = NULL;
-  for (struct conn *c = list; c; c = c->next_kick)
+  for (struct conn *c = list; c; c = c->next_kick) {
     c->kicked = false;
+    c->next_service = c->next_kick;
+  }
   pthread_mutex_unlock(&loop->kick_lock);
 
   while (list) {
-    struct conn *next = list->next_kick;
+    struct conn *next = list->next_service;
     conn_service(list);
     list = next;
   }
@@ -151,6 +155,10 @@ static void *loop_main(void *arg)
 {
   struct loop *loop = arg;
   current_loop = loop;
+  /* Named, so that top -H and /proc/PID/task/TID/comm show the loops. */
+  char name[16];
+  snprintf(name, sizeof name, "loop-%u", loop->index);
+  pthread_setname_np(pthread_self(), name);
   busy_poll_setup(loop->ev, busy_poll_for(loop));
   ev_run(loop->ev, 0);
   busy_poll_report();

@@ -40,22 +40,19 @@ static void add_data(struct request *req, const void *data, size_t len)
 
 static void put_be16(char **p, uint16_t v)
 {
-  v = htobe16(v);
-  memcpy(*p, &v, 2);
+  wire_put16(*p, v);
   *p += 2;
 }
 
 static void put_be32(char **p, uint32_t v)
 {
-  v = htobe32(v);
-  memcpy(*p, &v, 4);
+  wire_put32(*p, v);
   *p += 4;
 }
 
 static void put_be64(char **p, uint64_t v)
 {
-  v = htobe64(v);
-  memcpy(*p, &v, 8);
+  wire_put64(*p, v);
   *p += 8;
 }
 

@@ -296,16 +296,12 @@ static int block_status_contexts(struct request *req, uint32_t *ids)
   /* 64-bit effect length, then context ids. */
   if (req->payload_len < 12 || (req->payload_len - 8) % 4 != 0)
     return -1;
-  uint64_t effect;
-  memcpy(&effect, req->buf, 8);
-  req->count = be64toh(effect);
+  req->count = wire_get64(req->buf);
   size_t n = (req->payload_len - 8) / 4;
   if (n > conn->ncontexts || req->count == 0 || !in_bounds(conn, req->offset, req->count))
     return -1;
   for (size_t i = 0; i < n; i++) {
-    uint32_t id;
-    memcpy(&id, req->buf + 8 + 4 * i, 4);
-    ids[i] = be32toh(id);
+    ids[i] = wire_get32(req->buf + 8 + 4 * i);
     if (meta_context_name(conn, ids[i]) == NULL)
       return -1;
     for (size_t j = 0; j < i; j++)
@@ -440,27 +436,6 @@ static size_t available(const struct conn *conn)
   return conn->in_end - conn->in_start;
 }
 
-static uint16_t get16(const char *p)
-{
-  uint16_t v;
-  memcpy(&v, p, 2);
-  return be16toh(v);
-}
-
-static uint32_t get32(const char *p)
-{
-  uint32_t v;
-  memcpy(&v, p, 4);
-  return be32toh(v);
-}
-
-static uint64_t get64(const char *p)
-{
-  uint64_t v;
-  memcpy(&v, p, 8);
-  return be64toh(v);
-}
-
 /* Take payload bytes already in inbuf; true when the payload is whole. */
 static bool take_payload(struct conn *conn, struct request *req, size_t *got)
 {
@@ -498,7 +473,7 @@ bool transmission_input(struct conn *conn)
     if (available(conn) < hsize)
       return true;
     const char *p = conn->inbuf + conn->in_start;
-    uint32_t magic = get32(p);
+    uint32_t magic = wire_get32(p);
     uint32_t want = conn->extended ? NBD_EXTENDED_REQUEST_MAGIC : NBD_REQUEST_MAGIC;
     if (magic != want) {
       nbdserve_error("connection %u: bad request magic 0x%08x%s, disconnecting", conn->id,
@@ -513,11 +488,11 @@ bool transmission_input(struct conn *conn)
     struct request *req = request_get(conn);
     if (req == NULL)
       return true; /* too many in flight: the loop pauses reading */
-    req->flags = get16(p + 4);
-    req->type = get16(p + 6);
-    req->cookie = get64(p + 8);
-    req->offset = get64(p + 16);
-    req->count = conn->extended ? get64(p + 24) : get32(p + 24);
+    req->flags = wire_get16(p + 4);
+    req->type = wire_get16(p + 6);
+    req->cookie = wire_get64(p + 8);
+    req->offset = wire_get64(p + 16);
+    req->count = conn->extended ? wire_get64(p + 24) : wire_get32(p + 24);
     conn->in_start += hsize;
 
     uint64_t payload = 0;

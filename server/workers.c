@@ -66,6 +66,7 @@ static bool helper_worth_waking(void)
 static void *worker_main(void *arg)
 {
   (void) arg;
+  pthread_setname_np(pthread_self(), "worker");
   pthread_mutex_lock(&queue_lock);
   for (;;) {
     while (queue_head == NULL && !stopping) {

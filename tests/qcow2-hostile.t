@@ -16,7 +16,7 @@ plan 72
 
 # Sanitizer builds map huge shadow regions: the memory bound means nothing there.
 asan=
-ldd "$NBDSERVE" 2> /dev/null | grep -q libasan && asan=yes
+ldd "$NBDSERVE" 2> /dev/null | grep -qE 'libasan|libtsan' && asan=yes
 sanitizer_re='AddressSanitizer|LeakSanitizer|runtime error'
 bail() { echo "Bail out! $*"; exit 1; }
 

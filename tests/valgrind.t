@@ -5,7 +5,7 @@
 # indirect); what libraries keep until exit ("still reachable") is fine.
 . "$(dirname "$0")/lib/functions.sh"
 requires valgrind
-if ldd "$NBDSERVE" | grep -q libasan; then skip_all "the sanitizer build cannot run under valgrind"; fi
+if ldd "$NBDSERVE" | grep -qE 'libasan|libtsan'; then skip_all "the sanitizer build cannot run under valgrind"; fi
 plan 8
 
 VALGRIND=(valgrind -q --leak-check=full --show-leak-kinds=definite,indirect

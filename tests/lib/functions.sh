@@ -225,7 +225,7 @@ check_sanitizer_logs() {
     local log
     for log in "$tmp"/*.log; do
         [ -f "$log" ] || continue
-        if grep -Eq 'ERROR: AddressSanitizer|runtime error:|ERROR: LeakSanitizer' "$log"; then
+        if grep -Eq 'ERROR: AddressSanitizer|runtime error:|ERROR: LeakSanitizer|WARNING: ThreadSanitizer' "$log"; then
             failures=$((failures + 1))
             diag "sanitizer report in $(basename "$log"):"
             diag_file "$log" 40

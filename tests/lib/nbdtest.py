@@ -33,14 +33,14 @@ except ImportError:
 
 
 def _sanitized():
-    """Whether the server is an AddressSanitizer build (make SANITIZE=1):
-    its allocator keeps freed memory in quarantine, so memory figures
-    mean nothing there."""
+    """Whether the server is a sanitizer build (make SANITIZE=1 or
+    TSAN=1): their allocators keep freed memory in quarantine and shadow
+    memory, so memory figures mean nothing there."""
     try:
         out = subprocess.run(["ldd", NBDSERVE], capture_output=True, text=True).stdout
     except OSError:
         return False
-    return "libasan" in out
+    return "libasan" in out or "libtsan" in out
 
 
 SANITIZED = _sanitized()
