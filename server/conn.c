@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include "conn.h"
+#include "loop.h"
 #include "tls.h"
 
 static unsigned next_conn_id;
@@ -34,6 +35,7 @@ struct conn *conn_new(int rfd, int wfd)
   conn->id = __atomic_add_fetch(&next_conn_id, 1, __ATOMIC_RELAXED);
   conn->rfd = rfd;
   conn->wfd = wfd;
+  conn->stream = &plain_stream;
   pthread_mutex_init(&conn->lock, NULL);
   pthread_mutex_init(&conn->send_lock, NULL);
   pthread_mutex_init(&conn->request_lock, NULL);
@@ -116,6 +118,22 @@ void conn_free(struct conn *conn)
   pthread_mutex_destroy(&conn->send_lock);
   pthread_mutex_destroy(&conn->request_lock);
   free(conn);
+}
+
+/* Caller holds conn->lock (see request_put for why). */
+void conn_kick(struct conn *conn)
+{
+  struct loop *loop = conn->loop;
+  pthread_mutex_lock(&loop->kick_lock);
+  bool wake = !conn->kicked;
+  if (wake) {
+    conn->kicked = true;
+    conn->next_kick = loop->kick_head;
+    loop->kick_head = conn;
+  }
+  pthread_mutex_unlock(&loop->kick_lock);
+  if (wake)
+    ev_async_send(loop->ev, &loop->kick_watcher);
 }
 
 void request_set_weight(struct request *req, uint64_t bytes)
@@ -262,7 +280,7 @@ void conn_send_reply(struct request *req)
   if (conn->write_failed) {
     done = true;
   }
-  else if (conn->send_head == NULL && !conn->batching && !conn->tls) {
+  else if (conn->send_head == NULL && !conn->batching && !conn->stream->loop_thread_only) {
     /* Straight to the socket from this thread; a TLS session belongs to
      * the loop thread, so its replies always take the queue. */
     int r = write_reply(conn, req);
@@ -293,16 +311,6 @@ void conn_send_reply(struct request *req)
   }
   if (done)
     request_put(req);
-}
-
-ssize_t conn_recv(struct conn *conn, void *buf, size_t len)
-{
-  return conn->tls ? tls_recv(conn->tls, buf, len) : read(conn->rfd, buf, len);
-}
-
-ssize_t conn_writev(struct conn *conn, const struct iovec *iov, int niov)
-{
-  return conn->tls ? tls_writev(conn->tls, iov, niov) : writev(conn->wfd, iov, niov);
 }
 
 #define MAX_WRITEV_GATHER (1024 * 1024)

@@ -89,10 +89,19 @@ struct selected_context {
   char *name;
 };
 
+/* A connection's byte stream (stream.c). */
+struct stream {
+  ssize_t (*recv)(struct conn *conn, void *buf, size_t len);
+  ssize_t (*writev)(struct conn *conn, const struct iovec *iov, int niov);
+  bool loop_thread_only; /* only the connection's loop thread may use it (TLS) */
+};
+extern const struct stream plain_stream, tls_stream;
+
 struct conn {
   unsigned id;
   struct loop *loop; /* the loop that owns it, from accept to close */
   int rfd, wfd; /* same socket, except for -s (stdin/stdout) */
+  const struct stream *stream; /* plain_stream; tls_stream after STARTTLS */
   struct tls_session *tls; /* after STARTTLS; its I/O is the loop thread's only */
   struct conn *prev_conn, *next_conn; /* the loop's connections */
   ev_io rio, wio;
@@ -171,10 +180,19 @@ extern void request_put(struct request *req); /* reply sent or dropped */
 extern void request_set_weight(struct request *req, uint64_t bytes);
 extern int request_reserve(struct request *req, size_t size); /* grow buf */
 extern void conn_send_reply(struct request *req); /* iovecs ready: send or queue */
+/* Any thread, conn->lock held: ask the connection's loop to look at it
+ * (the one way workers reach a loop). */
+extern void conn_kick(struct conn *conn);
 extern bool conn_flush(struct conn *conn); /* loop: write queued; false on error */
-/* The connection's byte stream, plain or through TLS (loop thread). */
-extern ssize_t conn_recv(struct conn *conn, void *buf, size_t len);
-extern ssize_t conn_writev(struct conn *conn, const struct iovec *iov, int niov);
+/* The connection's byte stream, plain or through TLS. */
+static inline ssize_t conn_recv(struct conn *conn, void *buf, size_t len)
+{
+  return conn->stream->recv(conn, buf, len);
+}
+static inline ssize_t conn_writev(struct conn *conn, const struct iovec *iov, int niov)
+{
+  return conn->stream->writev(conn, iov, niov);
+}
 extern bool conn_is_idle(struct conn *conn); /* nothing in flight or queued */
 extern void bytebuf_append(struct bytebuf *b, const void *data, size_t len);
 extern void bytebuf_put_u16(struct bytebuf *b, uint16_t v);
@@ -184,12 +202,7 @@ extern void bytebuf_put_u64(struct bytebuf *b, uint64_t v);
 /* connection.c: the I/O state machine (the connection's loop thread) */
 extern void conn_start(struct loop *loop, int rfd, int wfd);
 extern void conn_service(struct conn *conn);
-extern void conn_kick(struct conn *conn); /* any thread, conn->lock held: ask its loop to look */
 extern void conn_close_when_idle(struct conn *conn);
-extern void conn_pause_for_option(struct conn *conn);
-extern void conn_resume_after_option(struct conn *conn);
-extern void conn_start_tls(struct conn *conn); /* after the STARTTLS reply went out */
-extern void conn_handshake_done(struct conn *conn); /* transmission begins */
 extern void connections_close_all(struct loop *loop); /* shutdown */
 extern void connections_drop_unsent(struct loop *loop, double grace);
 
@@ -213,20 +226,22 @@ extern void exec_end(pthread_mutex_t *lock);
 extern void exec_close(struct conn *conn); /* the chain's close, if it is open */
 
 /* handshake.c */
-extern void handshake_start(struct conn *conn); /* queue the greeting */
+/* Queue the greeting (oldstyle: start opening the export, state
+ * CONN_OPTION_BUSY).  The handshake never touches the loop's watchers:
+ * connection.c stops reading while the state is CONN_OPTION_BUSY. */
+extern void handshake_start(struct conn *conn);
 /* Loop thread: consume handshake bytes from inbuf.  Returns false when
  * the connection must close. */
 extern bool handshake_input(struct conn *conn);
-extern void handshake_option_finished(struct conn *conn); /* loop, after the job */
+extern enum option_result handshake_option_finished(struct conn *conn); /* loop, after the job */
 
 /* transmission.c */
 /* Loop thread: parse and dispatch every whole request in inbuf (and
  * payloads).  Returns false when the connection must stop reading. */
 extern bool transmission_input(struct conn *conn);
-extern void transmission_read_payload(struct conn *conn); /* read straight into partial */
+extern bool transmission_read_payload(struct conn *conn); /* read straight into partial; false: close */
 /* No whole request is left in inbuf (or a payload is cut short). */
 extern bool transmission_input_exhausted(const struct conn *conn);
-extern void conn_set_identity(struct conn *conn);
 
 /* replies.c */
 extern void reply_simple(struct request *req, uint32_t error);

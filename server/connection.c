@@ -25,21 +25,8 @@
 #include "loop.h"
 #include "tls.h"
 
-/* Caller holds conn->lock (see request_put for why). */
-void conn_kick(struct conn *conn)
-{
-  struct loop *loop = conn->loop;
-  pthread_mutex_lock(&loop->kick_lock);
-  bool wake = !conn->kicked;
-  if (wake) {
-    conn->kicked = true;
-    conn->next_kick = loop->kick_head;
-    loop->kick_head = conn;
-  }
-  pthread_mutex_unlock(&loop->kick_lock);
-  if (wake)
-    ev_async_send(loop->ev, &loop->kick_watcher);
-}
+static void after_option(struct conn *conn);
+static void conn_start_tls(struct conn *conn);
 
 /* ---- Closing ----------------------------------------------------------- */
 
@@ -161,8 +148,11 @@ static void conn_consume(struct conn *conn)
     conn->batching = false;
     pthread_mutex_unlock(&conn->send_lock);
   }
-  else if (conn->state == CONN_GREETING || conn->state == CONN_OPTIONS)
+  else if (conn->state == CONN_GREETING || conn->state == CONN_OPTIONS) {
     ok = handshake_input(conn);
+    if (ok && conn->state == CONN_OPTION_BUSY)
+      ev_io_stop(conn->loop->ev, &conn->rio); /* one option at a time */
+  }
   if (!ok)
     conn_close_when_idle(conn);
 }
@@ -214,8 +204,11 @@ static bool conn_update_reading(struct conn *conn)
 static void conn_read(struct conn *conn)
 {
   if (conn->partial) {
-    transmission_read_payload(conn);
-    if (conn->partial || conn->state == CONN_CLOSING)
+    if (!transmission_read_payload(conn)) {
+      conn_close_when_idle(conn);
+      return;
+    }
+    if (conn->partial)
       return; /* still waiting for payload */
   }
   else {
@@ -324,7 +317,7 @@ void conn_service(struct conn *conn)
   if (conn->state == CONN_OPTION_BUSY && option_job_finished(conn)) {
     /* The option's replies go out before anything else happens. */
     if (flush_handshake_output(conn))
-      handshake_option_finished(conn);
+      after_option(conn);
     else if (conn->write_failed)
       conn_close_when_idle(conn);
   }
@@ -365,9 +358,9 @@ void conn_service(struct conn *conn)
 
 /* ---- TLS handshake -------------------------------------------------------- */
 
-/* Called by handshake.c once the STARTTLS acknowledgement is out: from
- * here every byte of the connection goes through TLS. */
-void conn_start_tls(struct conn *conn)
+/* Once the STARTTLS acknowledgement is out: from here every byte of the
+ * connection goes through TLS. */
+static void conn_start_tls(struct conn *conn)
 {
   if (conn->in_end != conn->in_start) {
     nbdserve_error("connection %u: data sent after STARTTLS before its reply; closing",
@@ -380,6 +373,7 @@ void conn_start_tls(struct conn *conn)
     conn_close_when_idle(conn);
     return;
   }
+  conn->stream = &tls_stream;
   conn->state = CONN_TLS_HANDSHAKE;
   ev_io_start(conn->loop->ev, &conn->rio);
 }
@@ -428,22 +422,27 @@ static void write_cb(struct ev_loop *l, ev_io *w, int revents)
 
 /* ---- The handshake's steps -------------------------------------------------- */
 
-/* Called by handshake.c (from conn_service) when an option finished. */
-void conn_resume_after_option(struct conn *conn)
+/* Called by conn_service once an option's job is done and its replies
+ * are out: carry out what the handshake decided. */
+static void after_option(struct conn *conn)
 {
+  switch (handshake_option_finished(conn)) {
+  case OPTION_PENDING:
+    return;
+  case OPTION_CLOSE:
+    conn_close_when_idle(conn);
+    return;
+  case OPTION_STARTTLS:
+    conn_start_tls(conn); /* the acknowledgement went out in the clear */
+    return;
+  case OPTION_TRANSMIT:
+    ev_timer_stop(conn->loop->ev, &conn->handshake_timer);
+    break; /* and read the requests */
+  case OPTION_CONTINUE:
+    break; /* and read the next option */
+  }
   ev_io_start(conn->loop->ev, &conn->rio);
   conn_consume(conn);
-}
-
-void conn_pause_for_option(struct conn *conn)
-{
-  ev_io_stop(conn->loop->ev, &conn->rio);
-}
-
-/* The handshake is over: its time limit no longer applies. */
-void conn_handshake_done(struct conn *conn)
-{
-  ev_timer_stop(conn->loop->ev, &conn->handshake_timer);
 }
 
 static void handshake_timeout_cb(struct ev_loop *l, ev_timer *w, int revents)

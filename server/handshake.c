@@ -170,7 +170,7 @@ static int open_export(struct conn *conn, const char *requested, char *msg, size
   conn->export_name = resolve_export_name(requested);
   if (conn->export_name == NULL)
     die("out of memory");
-  conn_set_identity(conn);
+  conn->identity.export_name = conn->export_name; /* the TLS fields are set at STARTTLS */
 
   conn->top = chain_open(opt.readonly, conn->export_name);
   if (conn->top == NULL) {
@@ -549,8 +549,7 @@ static void start_option_job(struct conn *conn, void (*run)(struct job *))
   conn->opt_running = true;
   conn->in_flight++; /* keeps the connection alive while the job runs */
   pthread_mutex_unlock(&conn->lock);
-  conn_pause_for_option(conn);
-  conn->option_job.run = run;
+  conn->option_job.run = run; /* the loop stops reading while state is CONN_OPTION_BUSY */
   dispatch_job(&conn->option_job);
 }
 
@@ -646,32 +645,30 @@ bool handshake_input(struct conn *conn)
   return true;
 }
 
-void handshake_option_finished(struct conn *conn)
+/* The option job is done and its replies are out: what the loop does
+ * next follows from the result, which this returns (OPTION_CONTINUE:
+ * read the next option; OPTION_TRANSMIT: transmission begins;
+ * OPTION_STARTTLS: the TLS handshake begins; OPTION_CLOSE). */
+enum option_result handshake_option_finished(struct conn *conn)
 {
   enum option_result result = conn->opt_result;
   conn->opt_result = OPTION_PENDING;
 
   switch (result) {
   case OPTION_PENDING:
-    return;
+  case OPTION_CLOSE:
+  case OPTION_STARTTLS:
+    break;
   case OPTION_CONTINUE:
     conn->state = CONN_OPTIONS;
-    conn_resume_after_option(conn);
-    return;
-  case OPTION_CLOSE:
-    conn_close_when_idle(conn);
-    return;
-  case OPTION_STARTTLS:
-    conn_start_tls(conn); /* the loop flushed the acknowledgement already */
-    return;
+    break;
   case OPTION_TRANSMIT:
     nbdserve_debug("connection %u: export '%s', size %lld, flags 0x%x%s%s", conn->id,
                    conn->export_name, (long long) conn->size, conn->eflags,
                    conn->structured ? ", structured replies" : "",
                    conn->extended ? ", extended headers" : "");
-    conn_handshake_done(conn);
-    conn->state = CONN_TRANSMISSION; /* the loop flushed hs_out already */
-    conn_resume_after_option(conn);
-    return;
+    conn->state = CONN_TRANSMISSION;
+    break;
   }
+  return result;
 }

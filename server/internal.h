@@ -237,7 +237,12 @@ extern void busy_poll_report(void); /* debug: what it did */
 /* ---- loop.c: the loops and the process's life ------------------------------ */
 extern int serve(const int *listen_fds, size_t nfds); /* runs the loop; returns exit status */
 extern void serve_one_connection(int rfd, int wfd); /* fuzzing: one connection, in this thread */
+
+/* ---- stop.c: asking the server to stop ------------------------------------ */
 extern void request_shutdown(void); /* async-signal-safe and thread-safe */
+extern bool shutdown_requested(void);
+/* The main loop's waker, called by request_shutdown (async-signal-safe). */
+extern void shutdown_set_waker(void (*wake)(void));
 
 /* Map an errno to the NBD error set. */
 extern uint32_t errno_to_nbd(int err);

@@ -43,7 +43,6 @@ static struct ev_loop *main_ev;
 static ev_async shutdown_watcher, loop_ended_watcher;
 static ev_signal sigint_watcher, sigterm_watcher;
 static ev_child captive_watcher;
-static volatile sig_atomic_t shutdown_requested;
 static bool shutting_down;
 static int exit_status;
 
@@ -239,11 +238,9 @@ static void adopt_accepted(int fd)
 
 /* ---- Shutdown and signals --------------------------------------------- */
 
-void request_shutdown(void)
+static void wake_main_loop(void)
 {
-  shutdown_requested = 1;
-  if (main_ev)
-    ev_async_send(main_ev, &shutdown_watcher);
+  ev_async_send(main_ev, &shutdown_watcher);
 }
 
 static void begin_shutdown(void)
@@ -352,6 +349,7 @@ int serve(const int *listen_fds, size_t nfds)
   exec_setup();
   ev_async_init(&shutdown_watcher, shutdown_cb);
   ev_async_start(main_ev, &shutdown_watcher);
+  shutdown_set_waker(wake_main_loop);
   ev_async_init(&loop_ended_watcher, loop_ended_cb);
   ev_async_start(main_ev, &loop_ended_watcher);
   start_loops(opt.single ? 1 : opt.loops);
@@ -373,7 +371,7 @@ int serve(const int *listen_fds, size_t nfds)
   /* Told to stop before the loop ran (--exit-with-parent whose parent
    * already left, a signal during start-up): stop from inside the loop,
    * since ev_run forgets an ev_break made before it started. */
-  if (shutdown_requested)
+  if (shutdown_requested())
     ev_async_send(main_ev, &shutdown_watcher);
   ev_run(main_ev, 0);
 

@@ -54,11 +54,6 @@ uint32_t errno_to_nbd(int err)
   }
 }
 
-void conn_set_identity(struct conn *conn)
-{
-  conn->identity.export_name = conn->export_name; /* the TLS fields are set at STARTTLS */
-}
-
 /* ---- Checking a request --------------------------------------------------- */
 
 static bool in_bounds(const struct conn *conn, uint64_t offset, uint64_t count)
@@ -545,7 +540,10 @@ bool transmission_input_exhausted(const struct conn *conn)
   return conn->partial != NULL || available(conn) < request_header_size(conn);
 }
 
-void transmission_read_payload(struct conn *conn)
+/* Reads more of the partial request's payload straight into its buffer;
+ * submits the request once it is whole.  False when the connection must
+ * close (a read error, or the client left in mid-payload). */
+bool transmission_read_payload(struct conn *conn)
 {
   struct request *req = conn->partial;
   size_t need = req->payload_len - conn->partial_got;
@@ -553,19 +551,18 @@ void transmission_read_payload(struct conn *conn)
 
   if (r < 0) {
     if (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK)
-      return;
+      return true;
     nbdserve_debug("connection %u: read: %s", conn->id, strerror(errno));
-    conn_close_when_idle(conn);
-    return;
+    return false;
   }
   if (r == 0) {
     nbdserve_debug("connection %u: client went away in the middle of a payload", conn->id);
-    conn_close_when_idle(conn);
-    return;
+    return false;
   }
   conn->partial_got += (size_t) r;
   if (conn->partial_got == req->payload_len) {
     conn->partial = NULL;
     submit(conn, req);
   }
+  return true;
 }
