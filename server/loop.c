@@ -154,10 +154,6 @@ static void *loop_main(void *arg)
 {
   struct loop *loop = arg;
   current_loop = loop;
-  /* Named, so that top -H and /proc/PID/task/TID/comm show the loops. */
-  char name[16];
-  snprintf(name, sizeof name, "loop-%u", loop->index);
-  pthread_setname_np(pthread_self(), name);
   busy_poll_setup(loop->ev, busy_poll_for(loop));
   ev_run(loop->ev, 0);
   busy_poll_report();
@@ -185,6 +181,11 @@ static void start_loops(unsigned n)
     int err = pthread_create(&loops[i].thread, NULL, loop_main, &loops[i]);
     if (err != 0)
       die("cannot start the thread of loop %u: %s", i, strerror(err));
+    /* Named here, before anyone can connect, so that top -H and
+     * /proc/PID/task/TID/comm show the loops from the start. */
+    char name[16];
+    snprintf(name, sizeof name, "loop-%u", i);
+    pthread_setname_np(loops[i].thread, name);
     nr_loops++;
   }
   pthread_sigmask(SIG_SETMASK, &old, NULL);

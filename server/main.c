@@ -248,7 +248,7 @@ static uint32_t parse_max_payload(const char *arg)
 {
   int64_t n = nbdserve_parse_size(arg);
   if (n == -1)
-    exit(EXIT_FAILURE);
+    die("--max-payload: '%s' is not a size (such as 64M)", arg);
   if (n < (1 << 20) || n > MAX_PAYLOAD_LIMIT)
     die("--max-payload: '%s' is out of range (1M to %dM)", arg, MAX_PAYLOAD_LIMIT >> 20);
   return (uint32_t) n;

@@ -66,7 +66,6 @@ static bool helper_worth_waking(void)
 static void *worker_main(void *arg)
 {
   (void) arg;
-  pthread_setname_np(pthread_self(), "worker");
   pthread_mutex_lock(&queue_lock);
   for (;;) {
     while (queue_head == NULL && !stopping) {
@@ -106,6 +105,7 @@ void workers_start(unsigned nthreads)
     int err = pthread_create(&threads[i], NULL, worker_main, NULL);
     if (err != 0)
       die("cannot start worker thread: %s", strerror(err));
+    pthread_setname_np(threads[i], "worker");
     nr_threads++;
   }
   pthread_mutex_unlock(&queue_lock);
