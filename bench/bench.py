@@ -4,13 +4,14 @@ qemu-nbd, in alternation (A B C A B C ...), one warm-up round and then
 ROUNDS measured rounds.  Reports median and spread per server and the
 ratio nbdserve / best peer, computed per round, then its median.
 
-    make bench                 full run (about 25 minutes), writes docs/performance.md
-    BENCH_QUICK=1 make bench   2 rounds, no warm-up, small sizes, under 2 minutes
+    make bench                 full run (about 35 minutes), writes docs/performance.md
+    BENCH_QUICK=1 make bench   2 rounds, no warm-up, small sizes, a few minutes
     BENCH_SMOKE=1 bench/bench.py  nbdserve only, tiny sizes, a few seconds (used by make check)
 
 Environment: ROUNDS (default 5), FIO_SECONDS (default 10), BENCH_OUT (output directory; default
 docs/, or a temporary directory under BENCH_SMOKE), BENCH_ONLY (comma
-separated measurement names: seq-read, qd1, qcow2-read, idle...),
+separated measurement names: seq-read, qd1, multi-conn, tls-multi-conn,
+loops-read, qcow2-read, idle...: the first element of each MEASUREMENTS entry),
 BENCH_QEMU_AIO (qemu-nbd's --aio for the qcow2 rows; default threads).
 """
 # SPDX-License-Identifier: BSD-3-Clause
@@ -42,10 +43,21 @@ else:
     ROUNDS, WARMUP, SIZE, FIO_SECONDS, IDLE_CONNS = 5, 1, 1 << 30, 10, 1000
 ROUNDS = int(ENV.get("ROUNDS", ROUNDS))
 FIO_SECONDS = int(ENV.get("FIO_SECONDS", FIO_SECONDS))
+# nbdcopy's threads take the disk in pieces of 128 MiB, one at a time: on
+# a disk of fewer pieces than connections some connections carry nothing
+# (a 64 MiB disk is all read over one).  The 4-connection rows therefore
+# read at least 4 pieces, one per connection in a quick run.  A smoke run
+# only checks that the rows work, and keeps its tiny disk.
+NBDCOPY_PIECE = 128 << 20
+MULTI_SIZE = SIZE if SMOKE else max(SIZE, 4 * NBDCOPY_PIECE)
 
 SERVERS = ["nbdserve", "nbdkit", "qemu-nbd"]
 if SMOKE:
     SERVERS = ["nbdserve"]
+
+# The CPUs this process may use: nbdserve's default number of connection
+# loops, and the larger side of the --loops scaling table.
+CPUS = len(os.sched_getaffinity(0))
 
 
 def log(msg):
@@ -69,8 +81,10 @@ class Server:
     """One server process serving BACKEND (memory, file, or one of the
     QCOW2_IMAGES) over a Unix socket or TCP, optionally with TLS-PSK."""
 
-    def __init__(self, work, kind, backend, tcp=False, tls=False):
+    def __init__(self, work, kind, backend, tcp=False, tls=False, loops=None, size=SIZE):
         self.kind, self.backend, self.tcp, self.tls = kind, backend, tcp, tls
+        self.size = size  # of a memory or file disk; a qcow2 image has SIZE
+        self.loops = loops  # nbdserve's --loops; None leaves its default
         self.work = work
         self.sock = os.path.join(work, "%s.sock" % kind)
         self.port = free_port() if tcp else None
@@ -82,9 +96,11 @@ class Server:
         self.proc = None
 
     def command(self):
-        size = str(SIZE)
+        size = str(self.size)
         if self.kind == "nbdserve":
             cmd = [NBDSERVE, "-f"]
+            if self.loops is not None:
+                cmd.append("--loops=%d" % self.loops)
             cmd += ["-i", "127.0.0.1", "-p", str(self.port)] if self.tcp else ["-U", self.sock]
             if self.tls:
                 cmd += ["--tls=require", "--tls-psk=" + psk_file(self.work)]
@@ -132,7 +148,7 @@ class Server:
 
     def start(self):
         if not self.qcow2 and (self.kind == "qemu-nbd" or self.backend == "file"):
-            make_disk(self.disk)
+            make_disk(self.disk, self.size)
         self.log = open(os.path.join(self.work, self.kind + ".log"), "w")
         self.proc = subprocess.Popen(self.command(), stdout=self.log, stderr=self.log)
         deadline = time.monotonic() + 20
@@ -180,6 +196,25 @@ class Server:
             fields = f.read().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
+    def loop_cpu_seconds(self):
+        """User and system time of each of nbdserve's connection loop
+        threads so far, by thread name (loop-0, loop-1...)."""
+        tick = os.sysconf("SC_CLK_TCK")
+        per_thread = {}
+        task_dir = "/proc/%d/task" % self.proc.pid
+        for tid in os.listdir(task_dir):
+            try:
+                with open(os.path.join(task_dir, tid, "stat")) as f:
+                    stat = f.read()
+            except FileNotFoundError:  # a thread that just ended
+                continue
+            # The name sits in parentheses and may hold spaces: split after it.
+            name = stat[stat.index("(") + 1:stat.rindex(")")]
+            fields = stat.rsplit(")", 1)[1].split()
+            if name.startswith("loop-"):
+                per_thread[name] = (int(fields[11]) + int(fields[12])) / tick
+        return per_thread
+
     def rss_kib(self):
         with open("/proc/%d/status" % self.proc.pid) as f:
             return int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1))
@@ -193,9 +228,24 @@ def free_port():
     return port
 
 
-def make_disk(path):
+def make_disk(path, size):
     with open(path, "wb") as f:
-        f.truncate(SIZE)
+        f.truncate(size)
+
+
+def data_file(work, size):
+    """The random data file of SIZE bytes, written through the servers:
+    data.bin, made at the start, or a larger one made the first time a
+    row needs it."""
+    if size == SIZE:
+        return os.path.join(work, "data.bin")
+    path = os.path.join(work, "data-%dM.bin" % (size >> 20))
+    if not os.path.exists(path):
+        with open(path + ".new", "wb") as f:
+            for _ in range(size >> 20):
+                f.write(os.urandom(1 << 20))
+        os.rename(path + ".new", path)
+    return path
 
 
 def psk_file(work):
@@ -286,10 +336,12 @@ def fill(server, work):
     A qcow2 image holds its data already, and is served read-only."""
     if server.qcow2:
         return
-    run(COPY_IN + [os.path.join(work, "data.bin"), server.uri()])
+    run(COPY_IN + [data_file(work, server.size), server.uri()])
 
 
 def fio(server, rw, depth, jobs=1):
+    """One fio run; with JOBS > 1 each job is a process of its own with
+    its own connection, and the figures are the jobs' sum."""
     cmd = ["fio", "--name=bench", "--ioengine=nbd", "--uri=" + server.uri(), "--rw=" + rw,
            "--bs=4k", "--iodepth=%d" % depth, "--numjobs=%d" % jobs, "--group_reporting",
            "--time_based", "--runtime=%d" % FIO_SECONDS, "--size=%d" % SIZE,
@@ -301,8 +353,24 @@ def fio(server, rw, depth, jobs=1):
 
 def seq_read(server, work, connections=1):
     fill(server, work)
-    t = timed(["nbdcopy", "--connections=%d" % connections, server.uri(), "null:"])
-    return SIZE / t / 1e6
+    return copy_out(server, connections)
+
+
+def copy_out(server, connections):
+    """MB/s of a copy of the whole disk to nothing over CONNECTIONS
+    connections.  nbdcopy opens no more connections than it has threads,
+    and its thread count defaults to the CPUs (2 here): --threads makes
+    the 4 connections real.  It also falls back to one connection,
+    silently, when the server does not advertise multi-conn; a row of
+    several connections must not measure one, so that is an error."""
+    cmd = ["nbdcopy", "--connections=%d" % connections, server.uri(), "null:"]
+    if connections > 1:
+        cmd[1:1] = ["--threads=%d" % connections]
+        r = subprocess.run(["nbdinfo", "--can", "multi-conn", server.uri()],
+                           capture_output=True, text=True, timeout=60)
+        if r.returncode != 0:
+            raise RuntimeError("%s does not advertise multi-conn %s" % (server.kind, r.stderr.strip()))
+    return server.size / timed(cmd) / 1e6
 
 
 def seq_write(server, work):
@@ -310,14 +378,14 @@ def seq_write(server, work):
     return SIZE / t / 1e6
 
 
-def rand_iops(server, work, rw, name):
+def rand_iops(server, work, rw, name, jobs=1):
     """IOPS, and the server's CPU time per request: with the client
     taking a core of its own, the CPU a server spends on each request
     says more about it than the IOPS alone."""
     if rw == "randread":
         fill(server, work)
     before = server.cpu_seconds()
-    result = fio(server, rw, 32)
+    result = fio(server, rw, 32, jobs)
     cpu = server.cpu_seconds() - before
     return {name: result["iops"], name + "-cpu": cpu / max(result["total_ios"], 1) * 1e6}
 
@@ -379,10 +447,31 @@ def qd1(server, work):
     return {"qd1-p50": clat["50.000000"] / 1000.0, "qd1-p99": clat["99.000000"] / 1000.0}
 
 
+def tls_multi_conn(server, work):
+    """The 4-connection TLS read; for nbdserve also the CPU time each
+    connection loop thread spent during the copy alone (not the fill),
+    and the share of the copy's wall time that is: with connections
+    spread over the loops, every loop thread should be doing crypto."""
+    fill(server, work)
+    if server.kind != "nbdserve":
+        return {"tls-multi-conn": copy_out(server, 4)}
+    before, cpu_before = server.loop_cpu_seconds(), server.cpu_seconds()
+    start = time.monotonic()
+    mbps = copy_out(server, 4)
+    wall = time.monotonic() - start
+    after, cpu_after = server.loop_cpu_seconds(), server.cpu_seconds()
+    threads = {name: after[name] - before.get(name, 0.0) for name in after}
+    threads["all threads"] = cpu_after - cpu_before
+    return {"tls-multi-conn": mbps, "tls-loop-cpu": (threads, wall)}
+
+
 def idle(server, work):
     took, per_conn = idle_connections(server, work)
     return {"idle-accept": took, "idle-rss": per_conn}
 
+
+LOOP_VARIANTS = [("--loops=1", "nbdserve", dict(loops=1)),
+                 ("--loops=%d" % CPUS, "nbdserve", dict(loops=CPUS))]
 
 MEASUREMENTS = [
     ("seq-read", dict(backend="memory"), lambda s, w: {"seq-read": seq_read(s, w, 1)}),
@@ -390,25 +479,46 @@ MEASUREMENTS = [
     ("randread", dict(backend="memory"), lambda s, w: rand_iops(s, w, "randread", "randread")),
     ("randwrite", dict(backend="memory"), lambda s, w: rand_iops(s, w, "randwrite", "randwrite")),
     ("qd1", dict(backend="memory"), qd1),
-    ("multi-conn", dict(backend="memory"), lambda s, w: {"multi-conn": seq_read(s, w, 4)}),
+    ("multi-conn", dict(backend="memory", size=MULTI_SIZE),
+     lambda s, w: {"multi-conn": seq_read(s, w, 4)}),
+    ("file-multi-conn", dict(backend="file", size=MULTI_SIZE),
+     lambda s, w: {"file-multi-conn": seq_read(s, w, 4)}),
+    ("randread-4", dict(backend="memory"),
+     lambda s, w: rand_iops(s, w, "randread", "randread-4", jobs=4)),
     ("tcp-read", dict(backend="memory", tcp=True), lambda s, w: {"tcp-read": seq_read(s, w, 1)}),
     ("file-read", dict(backend="file"), lambda s, w: {"file-read": seq_read(s, w, 1)}),
     ("file-randread", dict(backend="file"), lambda s, w: rand_iops(s, w, "randread", "file-randread")),
     ("file-randwrite", dict(backend="file"),
      lambda s, w: rand_iops(s, w, "randwrite", "file-randwrite")),
-    ("tls-read", dict(backend="memory", tls=True), lambda s, w: {"tls-read": seq_read(s, w, 1)}),
+    # The 1-connection TLS read is the yardstick of the 4-connection one,
+    # so it reads the same disk.
+    ("tls-read", dict(backend="memory", tls=True, size=MULTI_SIZE),
+     lambda s, w: {"tls-read": seq_read(s, w, 1)}),
+    ("tls-multi-conn", dict(backend="memory", tls=True, size=MULTI_SIZE), tls_multi_conn),
     ("idle", dict(backend="memory"), idle),
     ("qcow2-read", dict(backend="qcow2"), lambda s, w: {"qcow2-read": seq_read(s, w, 1)}),
     ("qcow2-zstd-read", dict(backend="qcow2-zstd"),
      lambda s, w: {"qcow2-zstd-read": seq_read(s, w, 1)}),
     ("qcow2-randread", dict(backend="qcow2"),
      lambda s, w: rand_iops(s, w, "randread", "qcow2-randread")),
+    # nbdserve alone at one loop and at one per CPU, alternated like the
+    # servers of the other rows: the 4th element lists the variants run
+    # (the name of the column, then options for Server).
+    ("loops-read", dict(backend="memory", size=MULTI_SIZE),
+     lambda s, w: {"loops-read": seq_read(s, w, 4)}, LOOP_VARIANTS),
+    ("loops-tls-read", dict(backend="memory", tls=True, size=MULTI_SIZE),
+     lambda s, w: {"loops-tls-read": seq_read(s, w, 4)}, LOOP_VARIANTS),
 ]
 
 # Rows of the report: name, label, unit, higher is better, and the
-# ratio to the best peer that counts as reaching the goal, when it is
-# not 1 (the qcow2 rows' goal, from the issue that added the plugin, is
-# 1.2× qemu-nbd).
+# ratio that counts as reaching the goal, when it is not 1 (the qcow2
+# rows' goal, from the issue that added the plugin, is 1.2× qemu-nbd),
+# and what that ratio is taken against, when it is not the best peer:
+# a server (the multi-connection rows' goal is 1.2× nbdkit) or another
+# row of nbdserve's own, round by round (the 4-connection TLS read is
+# to be 1.1× nbdserve's 1-connection one).  The last column always
+# gives the ratio to the best peer; a goal against something else is
+# reported after it.
 ROWS = [
     ("seq-read", "sequential read, 1 connection (memory)", "MB/s", True),
     ("seq-write", "sequential write (memory)", "MB/s", True),
@@ -418,14 +528,20 @@ ROWS = [
     ("randwrite-cpu", "... server CPU time per write", "µs", False),
     ("qd1-p50", "4K read latency QD1, p50 (memory)", "µs", False),
     ("qd1-p99", "4K read latency QD1, p99 (memory)", "µs", False),
-    ("multi-conn", "sequential read, 4 connections (memory)", "MB/s", True),
+    ("multi-conn", "sequential read, 4 connections (memory)", "MB/s", True, 1.2, "nbdkit"),
+    ("randread-4", "4K random read, QD32, 4 fio jobs, a connection each (memory)", "IOPS", True),
+    ("randread-4-cpu", "... server CPU time per read", "µs", False),
     ("tcp-read", "sequential read over TCP loopback (memory)", "MB/s", True),
     ("file-read", "sequential read (file in /dev/shm)", "MB/s", True),
+    ("file-multi-conn", "sequential read, 4 connections (file in /dev/shm)", "MB/s", True,
+     1.2, "nbdkit"),
     ("file-randread", "4K random read, QD32 (file in /dev/shm)", "IOPS", True),
     ("file-randread-cpu", "... server CPU time per read", "µs", False),
     ("file-randwrite", "4K random write, QD32 (file in /dev/shm)", "IOPS", True),
     ("file-randwrite-cpu", "... server CPU time per write", "µs", False),
-    ("tls-read", "sequential read, TLS-PSK (memory)", "MB/s", True),
+    ("tls-read", "sequential read, TLS-PSK, 1 connection (memory)", "MB/s", True),
+    ("tls-multi-conn", "sequential read, TLS-PSK, 4 connections (memory)", "MB/s", True,
+     1.1, "tls-read"),
     ("idle-accept", "%d idle connections: time to accept them all", "s", False),
     ("idle-rss", "%d idle connections: server memory per connection", "KiB", False),
     ("qcow2-read", "sequential read (qcow2, every cluster allocated)", "MB/s", True, 1.2),
@@ -436,25 +552,39 @@ ROWS = [
 # Rows whose measurement no nbdkit can serve: their nbdkit cell says so.
 NO_NBDKIT = {"qcow2-read", "qcow2-zstd-read", "qcow2-randread", "qcow2-randread-cpu"}
 
+# The --loops scaling table: nbdserve alone, the ratio is --loops=N / --loops=1.
+SCALING_ROWS = [
+    ("loops-read", "sequential read, 4 connections (memory)", "MB/s"),
+    ("loops-tls-read", "sequential read, TLS-PSK, 4 connections (memory)", "MB/s"),
+]
+
+
+def variants(measurement):
+    """(column, server kind, extra Server options) of each server run
+    for MEASUREMENT: its own list, or every server that can serve it."""
+    name, opts, fn, *own = measurement
+    if own:
+        return [v for v in own[0] if v[1] in SERVERS]
+    return [(k, k, {}) for k in SERVERS if serves(k, opts["backend"])]
+
 
 def run_measurement(work, measurement, results):
-    name, opts, fn = measurement
+    name, opts, fn = measurement[:3]
     rounds = WARMUP + ROUNDS
-    kinds = [k for k in SERVERS if serves(k, opts["backend"])]
     for rnd in range(rounds):
-        for kind in kinds:
-            server = Server(work, kind, **opts).start()
+        for column, kind, extra in variants(measurement):
+            server = Server(work, kind, **opts, **extra).start()
             try:
                 values = fn(server, work)
             except Exception as e:
-                log("  %s %s round %d: %s" % (name, kind, rnd, e))
+                log("  %s %s round %d: %s" % (name, column, rnd, e))
                 values = {}
             finally:
                 server.stop()
             if rnd < WARMUP:
                 continue
             for key, v in values.items():
-                results.setdefault(key, {}).setdefault(kind, []).append(v)
+                results.setdefault(key, {}).setdefault(column, []).append(v)
         log("  %s: round %d/%d done" % (name, rnd + 1, rounds))
 
 
@@ -468,10 +598,26 @@ def fmt(v):
     return "%.3g" % v
 
 
+def cell(vals):
+    return "%s (%s–%s)" % (fmt(statistics.median(vals)), fmt(min(vals)), fmt(max(vals)))
+
+
+def round_ratio(ours, theirs, higher=True):
+    """Median over rounds of OURS[i] / THEIRS(i), where THEIRS gives the
+    figure to compare with in round i, or None."""
+    ratios = []
+    for i, v in enumerate(ours):
+        other = theirs(i)
+        if other is not None and v > 0 and other > 0:
+            ratios.append(v / other)
+    return statistics.median(ratios) if ratios else None
+
+
 def summarize(results):
     rows = []
-    for name, label, unit, higher, *target in ROWS:
-        target = target[0] if target else 1.0
+    for name, label, unit, higher, *goal_spec in ROWS:
+        target = goal_spec[0] if goal_spec else 1.0
+        against = goal_spec[1] if len(goal_spec) > 1 else None
         per_server = results.get(name, {})
         if "idle" in name:
             label = label % IDLE_CONNS
@@ -479,26 +625,72 @@ def summarize(results):
         for kind in ["nbdserve", "nbdkit", "qemu-nbd"]:
             vals = per_server.get(kind, [])
             if vals:
-                cells[kind] = "%s (%s–%s)" % (fmt(statistics.median(vals)), fmt(min(vals)), fmt(max(vals)))
+                cells[kind] = cell(vals)
             elif kind == "nbdkit" and name in NO_NBDKIT:
                 cells[kind] = "no qcow2 reader"
             else:
                 cells[kind] = "n/a"
-        ratios = []
         ours = per_server.get("nbdserve", [])
-        for i, v in enumerate(ours):
+
+        def best_peer(i):
             peers = [per_server[k][i] for k in ("nbdkit", "qemu-nbd")
                      if k in per_server and len(per_server[k]) > i]
-            if peers and v > 0:
-                best = max(peers) if higher else min(peers)
-                if best > 0:
-                    ratios.append(v / best)
-        ratio = statistics.median(ratios) if ratios else None
+            if not peers:
+                return None
+            return max(peers) if higher else min(peers)
+
+        def reference(i):
+            if against in ("nbdkit", "qemu-nbd"):
+                figures = per_server.get(against, [])
+            else:  # another row of nbdserve's, measured in the same rounds
+                figures = results.get(against, {}).get("nbdserve", [])
+            return figures[i] if len(figures) > i else None
+
+        ratio = round_ratio(ours, best_peer)
+        goal_ratio = ratio if against is None else round_ratio(ours, reference)
         goal = None
-        if ratio is not None:
-            goal = ratio >= target if higher else ratio <= 1 / target
+        if goal_ratio is not None:
+            goal = goal_ratio >= target if higher else goal_ratio <= 1 / target
         rows.append(dict(name=name, label=label, unit=unit, higher=higher, cells=cells,
-                         ratio=ratio, goal=goal, target=target))
+                         ratio=ratio, goal=goal, target=target, against=against,
+                         goal_ratio=goal_ratio))
+    return rows
+
+
+def summarize_scaling(results):
+    """The --loops table: a cell per variant, and the ratio of the many
+    loops' figure to the single loop's, round by round."""
+    one, many = LOOP_VARIANTS[0][0], LOOP_VARIANTS[1][0]
+    rows = []
+    for name, label, unit in SCALING_ROWS:
+        if name not in results:
+            continue
+        per_variant = results[name]
+        singles = per_variant.get(one, [])
+        ratio = round_ratio(per_variant.get(many, []),
+                            lambda i: singles[i] if len(singles) > i else None)
+        rows.append(dict(label=label, unit=unit,
+                         cells=[cell(per_variant[v]) if per_variant.get(v) else "n/a"
+                                for v in (one, many)],
+                         ratio="n/a" if ratio is None else "%.2f×" % ratio))
+    return rows
+
+
+def summarize_loop_cpu(results):
+    """CPU time of nbdserve's threads during the 4-connection TLS copy:
+    a row per loop thread and one for the whole process, each with its
+    share of the copy's wall time (100% is one CPU kept busy)."""
+    runs = results.get("tls-loop-cpu", {}).get("nbdserve", [])
+    if not runs:
+        return []
+    names = sorted({n for threads, _ in runs for n in threads if n.startswith("loop-")},
+                   key=lambda n: int(n.split("-")[1]))
+    rows = []
+    for name in names + ["all threads"]:
+        secs = [threads.get(name, 0.0) for threads, _ in runs]
+        busy = [threads.get(name, 0.0) / wall * 100 for threads, wall in runs if wall > 0]
+        label = "4-connection TLS read, %s" % (name if name == "all threads" else "thread " + name)
+        rows.append(dict(label=label, unit="s", cells=[cell(secs), cell(busy) if busy else "n/a"]))
     return rows
 
 
@@ -524,14 +716,31 @@ def versions():
     }
 
 
+def goal_text(r):
+    """The goal of a row measured against something else than the best
+    peer: what it is, and where this run stands."""
+    if r["against"] in ("nbdkit", "qemu-nbd"):
+        what = r["against"]
+    else:
+        what = "nbdserve's %s row" % r["against"]
+    if r["goal_ratio"] is None:
+        return "goal %.1f× %s: n/a" % (r["target"], what)
+    return "goal %.1f× %s: %.2f× %s" % (r["target"], what, r["goal_ratio"],
+                                        "✓" if r["goal"] else "✗")
+
+
 def table(rows):
     out = ["| workload | unit | nbdserve | nbdkit | qemu-nbd | nbdserve / best peer |",
            "|---|---|---|---|---|---|"]
     for r in rows:
-        if r["ratio"] is None:
+        better = "higher is better" if r["higher"] else "lower is better"
+        if r["against"] is not None:
+            # The mark goes with the goal, given after the peer ratio.
+            ratio = "n/a" if r["ratio"] is None else "%.2f× (%s)" % (r["ratio"], better)
+            ratio += "; " + goal_text(r)
+        elif r["ratio"] is None:
             ratio = "n/a"
         else:
-            better = "higher is better" if r["higher"] else "lower is better"
             if r["target"] != 1.0:
                 better += ", goal %.1f×" % r["target"]
             ratio = "%.2f× %s (%s)" % (r["ratio"], "✓" if r["goal"] else "✗", better)
@@ -539,6 +748,32 @@ def table(rows):
             r["label"], r["unit"], r["cells"]["nbdserve"], r["cells"]["nbdkit"],
             r["cells"]["qemu-nbd"], ratio))
     return "\n".join(out)
+
+
+def small_table(header, rows, last=None):
+    """A table of a label, a unit and a few cells per row; LAST names a
+    key of each row to end it with."""
+    out = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for r in rows:
+        cells = [r["label"], r["unit"]] + r["cells"] + ([r[last]] if last else [])
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def extra_tables(results):
+    """The --loops scaling table and the loop threads' CPU time, as
+    Markdown, or "" when neither ran."""
+    parts = []
+    scaling = summarize_scaling(results)
+    if scaling:
+        one, many = LOOP_VARIANTS[0][0], LOOP_VARIANTS[1][0]
+        parts.append(small_table(["workload (nbdserve alone)", "unit", one, many,
+                                  "%s / %s" % (many, one)], scaling, "ratio"))
+    loop_cpu = summarize_loop_cpu(results)
+    if loop_cpu:
+        parts.append(small_table(["workload (nbdserve alone)", "unit", "CPU time",
+                                  "CPU time / wall time of the copy (%)"], loop_cpu))
+    return "\n\n".join(parts)
 
 
 def chart(rows, out_dir):
@@ -572,7 +807,7 @@ plot '%s' using 2:xtic(1) with boxes notitle lc rgb '#3465a4'
     return r.returncode == 0
 
 
-def write_report(rows, out_dir, info, started):
+def write_report(rows, extra, out_dir, info, started):
     mode = "BENCH_SMOKE" if SMOKE else "BENCH_QUICK" if QUICK else "full"
     have_chart = chart(rows, out_dir) if not SMOKE else False
     text = """# Performance
@@ -583,7 +818,9 @@ Measured by `make bench` (bench/bench.py) on %(date)s, %(mode)s run:
 measurement. Cells are the median (min–max) over the rounds; the last column
 is the median over rounds of nbdserve's figure divided by the best peer's in
 the same round. For throughput and IOPS higher is better; for latency, time
-and memory lower is better. Disks are %(size)s; fio runs %(fio)d s per measurement.
+and memory lower is better. Disks are %(size)s (%(multi)s for the rows of 4
+connections and the 1-connection TLS row they are compared with); fio runs
+%(fio)d s per measurement.
 
 - Machine: %(machine)s
 - nbdserve: %(nbdserve)s
@@ -594,6 +831,35 @@ and memory lower is better. Disks are %(size)s; fio runs %(fio)d s per measureme
 %(table)s
 
 %(chart)s
+## Connection loops
+
+nbdserve serves its connections from %(cpus)d connection loops here
+(`--loops`; by default one per CPU this process may use), each a thread of
+its own (loop-0, loop-1...). The first table is nbdserve alone at one loop
+and at %(cpus)d, alternated round by round; the last column is the median
+over rounds of the ratio of the two. The second gives the user + system
+time of each loop thread during the 4-connection TLS copy (from
+/proc/PID/task/TID/stat, the fill left out), and that time as a share of
+the copy's wall time (100%% is one CPU kept busy); "all threads" is the
+whole process.
+
+%(extra)s
+
+What the design predicts on a machine with more CPUs: a connection's I/O
+(its reads and writes on the socket, its TLS records, the requests a plugin
+serves inline) is done by the one loop thread it was given when it was
+accepted, so throughput over C connections scales with min(C, loops, CPUs
+left after the client): no more loop threads work than there are
+connections or loops, and they work in parallel only on the CPUs the
+client leaves free. On this 2-CPU machine the client takes one of the two: nbdcopy's own work, and for
+TLS its decryption with GnuTLS of all that the server encrypts, keep a CPU
+busy, so a second loop has at most what is left of the other CPU, and
+`--loops=%(cpus)d` can add little over `--loops=1`, or nothing when other
+load on the machine takes that CPU. With more CPUs than the client needs,
+each loop added brings a CPU of its own to its connections, and the curve
+should keep rising with the loops until it meets the number of connections
+or what the client itself can take.
+
 How each row is measured:
 
 - Sequential rows: `nbdcopy --connections=N URI null:` after filling the disk
@@ -603,6 +869,18 @@ How each row is measured:
   nbdcopy's SEEK_HOLE on the tmpfs source took 6 s per GiB, whatever the
   server). A fresh disk's memory is touched for the first time here, which
   is slow inside this VM for every server alike.
+- Rows of 4 connections: `nbdcopy --threads=4 --connections=4` (nbdcopy
+  opens no more connections than it has threads, and its threads default
+  to the CPU count), after checking with `nbdinfo --can multi-conn` that
+  the server advertises multi-conn, without which nbdcopy would quietly
+  use one connection. nbdcopy's threads take the disk in 128 MiB pieces,
+  so these rows read a disk of at least 4 of them, lest some connections
+  carry nothing. nbdserve's memory and file plugins advertise it, as
+  do nbdkit's; qemu-nbd does when `-e` lets more than one client in. The
+  goal of the memory and file rows is 1.2× nbdkit, and that of the TLS row
+  1.1× nbdserve's own 1-connection TLS row of the same round: the last
+  column gives the ratio to the best peer, then the goal and where the
+  run stands against it.
 - Random and latency rows: fio's nbd engine, 4 KiB blocks, over the whole disk.
   On a 2-CPU machine fio itself takes a whole core at QD32, so the IOPS of
   the faster servers meet the client's limit; the "server CPU time" rows
@@ -620,7 +898,9 @@ How each row is measured:
   the 100 µs limit: in this VM, waking a thread whose CPU went idle costs
   tens of microseconds, more than the read itself. The memory random-read
   IOPS still swing by up to ±30%% between rounds for every server, with
-  the load on the machine.
+  the load on the machine. The "4 fio jobs" row runs `--numjobs=4`: four
+  fio processes, each with its own connection at QD32, their figures
+  summed; four clients on 2 CPUs meet the client's limit sooner still.
 - The memory rows use each server's RAM disk (nbdserve `memory`, nbdkit
   `memory`); qemu-nbd has none and serves a raw file in /dev/shm instead.
 - TLS: pre-shared keys; each server negotiates its preferred cipher suite
@@ -649,10 +929,12 @@ How each row is measured:
   number of clients.
 """ % dict(date=time.strftime("%Y-%m-%d", time.localtime(started)), mode=mode, rounds=ROUNDS,
            warmup=WARMUP, size="%d MiB" % (SIZE >> 20), fio=FIO_SECONDS,
+           multi="%d MiB" % (MULTI_SIZE >> 20),
            machine=info["machine"], nbdserve=info["nbdserve"], nbdkit=info["nbdkit"],
            qemu=info["qemu-nbd"], clients=info["clients"], table=table(rows),
            chart="![speed-up over the best peer](performance.png)\n" if have_chart else "",
-           idle=IDLE_CONNS, aio=QEMU_QCOW2_AIO,
+           idle=IDLE_CONNS, aio=QEMU_QCOW2_AIO, cpus=CPUS,
+           extra=extra or "(not measured in this run)",
            images=", ".join("%s %d MiB" % kv for kv in sorted(IMAGE_MIB.items())) or "not made")
     path = os.path.join(out_dir, "performance.md")
     with open(path, "w") as f:
@@ -713,14 +995,17 @@ def main():
         make_images(work, {m[1]["backend"] for m in chosen})
         results = {}
         for m in chosen:
-            kinds = [k for k in SERVERS if serves(k, m[1]["backend"])]
-            log("%s (%s)" % (m[0], ", ".join(kinds)))
+            log("%s (%s)" % (m[0], ", ".join(column if column == kind else kind + " " + column
+                                              for column, kind, _ in variants(m))))
             run_measurement(work, m, results)
         rows = summarize(results)
         if only or skipped:  # just the rows of what ran
             rows = [r for r in rows if r["name"] in results]
-        path = write_report(rows, out_dir, versions(), started)
+        extra = extra_tables(results)
+        path = write_report(rows, extra, out_dir, versions(), started)
         print(table(rows))
+        if extra:
+            print("\n" + extra)
         log("\nreport: %s (%.0f s)" % (path, time.time() - started))
     finally:
         shutil.rmtree(work, ignore_errors=True)
