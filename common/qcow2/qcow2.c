@@ -27,17 +27,17 @@ static int open_regular(const char *path, uint64_t *size)
   if (fd == -1)
     return -1;
   struct stat st;
-  off_t end;
-  if (fstat(fd, &st) == -1 || (end = lseek(fd, 0, SEEK_END)) == -1) {
+  if (fstat(fd, &st) == 0 && !S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode)) {
+    close(fd);
+    errno = EINVAL;
+    return -2;
+  }
+  off_t end = lseek(fd, 0, SEEK_END);
+  if (end == -1) {
     int err = errno;
     close(fd);
     errno = err;
     return -1;
-  }
-  if (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode)) {
-    close(fd);
-    errno = EINVAL;
-    return -2;
   }
   *size = (uint64_t) end;
   return fd;
