@@ -7,7 +7,10 @@ Run it again after changing it; the files are checked in.
 """
 # SPDX-License-Identifier: BSD-3-Clause
 import os
+import shutil
 import struct
+import subprocess
+import tempfile
 
 TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(TOP, "tests", "fuzz")
@@ -115,3 +118,106 @@ write("parsers", {k: v.encode() for k, v in {
     "too-big": "8E", "neg": "-1", "hex": "0x100", "spaces": " 12 ", "bool-yes": "yes",
     "bool-off": "off", "empty": "", "junk": "12Q",
 }.items()})
+
+
+# qcow2: small images made by qemu-img and qemu-io (512-byte to 16 KiB
+# clusters, virtual sizes of 128 KiB to 1 MiB, so every seed stays a few
+# tens of KiB), covering each feature the library parses.
+def qemu(*args, cwd):
+    subprocess.run(args, cwd=cwd, check=True, stdout=subprocess.DEVNULL)
+
+
+def qcow2_image(tmp, label, size, opts, writes=(), backing=None):
+    cmd = ["qemu-img", "create", "-q", "-f", "qcow2", "-o", opts]
+    if backing:
+        cmd += ["-b", backing[0], "-F", backing[1]]
+    qemu(*cmd, label, size, cwd=tmp)
+    if writes:
+        io = ["qemu-io", "-f", "qcow2"]
+        for w in writes:
+            io += ["-c", w]
+        qemu(*io, label, cwd=tmp)
+    return os.path.join(tmp, label)
+
+
+def zero_snapshot_dates(image):
+    # Snapshot entries hold the time they were taken: zeroed, the seed
+    # comes out the same on every run.
+    with open(image, "r+b") as f:
+        head = f.read(72)
+        count, = struct.unpack(">I", head[60:64])
+        pos, = struct.unpack(">Q", head[64:72])
+        for _ in range(count):
+            f.seek(pos)
+            fixed = f.read(40)
+            id_len, name_len = struct.unpack(">HH", fixed[12:16])
+            extra, = struct.unpack(">I", fixed[36:40])
+            f.seek(pos + 16)
+            f.write(bytes(8))
+            pos += (40 + extra + id_len + name_len + 7) & ~7
+
+
+def set_incompatible(data, bits):
+    flags, = struct.unpack(">Q", data[72:80])
+    return data[:72] + struct.pack(">Q", flags | bits) + data[80:]
+
+
+def qcow2_seeds():
+    seeds, labels = {}, []
+    with tempfile.TemporaryDirectory() as tmp:
+        def image(label, *args, **kw):
+            labels.append(label)
+            return qcow2_image(tmp, label, *args, **kw)
+
+        image("v2-512", "256K", "compat=0.10,cluster_size=512",
+              ("write -P 0x11 0 4k", "write -P 0x22 100k 1536", "write -P 0x23 255k 1k"))
+        image("v3-512", "128K", "cluster_size=512",
+              ("write -P 0x31 0 2k", "write -z 4k 2k", "write -P 0x32 65000 3000"))
+        image("v3-4k", "1M", "cluster_size=4k",
+              ("write -P 0x33 0 8k", "write -z 64k 8k", "write -P 0x34 510k 8k", "write -P 0x35 1020k 4k"))
+        image("zlib-4k", "256K", "cluster_size=4k",
+              ("write -c -P 0x55 0 4k", "write -c -P 0x56 8k 4k", "write -P 0x57 16k 4k",
+               "write -c -P 0x58 252k 4k"))
+        image("zlib-512", "64K", "cluster_size=512",
+              ("write -c -P 0x59 0 512", "write -c -P 0x5a 1k 512", "write -P 0x5b 2k 1k"))
+        image("zstd-4k", "256K", "cluster_size=4k,compression_type=zstd",
+              ("write -c -P 0x65 0 4k", "write -c -P 0x66 8k 4k", "write -P 0x67 16k 4k"))
+        image("extl2-16k", "128K", "cluster_size=16k,extended_l2=on",
+              ("write -P 0x88 0 1k", "write -z 4k 2k", "write -P 0x89 20k 512", "write -P 0x8a 33k 1k"))
+        path = image("bitmap-4k", "1M", "cluster_size=4k")
+        qemu("qemu-img", "bitmap", "--add", path, "b0", cwd=tmp)
+        qemu("qemu-img", "bitmap", "--add", "-g", "512", path, "fine", cwd=tmp)
+        qemu("qemu-img", "bitmap", "--add", path, "off", cwd=tmp)
+        qemu("qemu-img", "bitmap", "--disable", path, "off", cwd=tmp)
+        qemu("qemu-io", "-f", "qcow2", "-c", "write -P 0xaa 64k 8k", "-c", "write -P 0xab 300k 512",
+             "-c", "write -P 0xac 1020k 4k", path, cwd=tmp)
+        path = image("snapshot-4k", "256K", "cluster_size=4k", ("write -P 0xbb 0 4k", "write -P 0xbc 128k 4k"))
+        qemu("qemu-img", "snapshot", "-c", "s1", path, cwd=tmp)
+        qemu("qemu-io", "-f", "qcow2", "-c", "write -P 0xcc 0 4k", "-c", "write -z 128k 4k", path, cwd=tmp)
+        zero_snapshot_dates(path)
+        # The external data file is left behind: the harness never opens
+        # a data file by the image's name (even-length inputs use the
+        # image itself, odd-length ones a missing file).
+        image("datafile-4k", "256K", "cluster_size=4k,data_file=data.raw", ("write -P 0xdd 0 4k",
+              "write -P 0xde 200k 4k"))
+        image("datafile-raw-4k", "256K", "cluster_size=4k,data_file=data2.raw,data_file_raw=on",
+              ("write -P 0xdf 0 4k",))
+        # Backing files: the harness serves "backing" as a copy of the
+        # image without its own backing file.
+        qcow2_image(tmp, "backing", "256K", "cluster_size=4k", ("write -P 0xee 0 64k",))
+        image("backing-4k", "256K", "cluster_size=4k", ("write -P 0xef 4k 4k",), ("backing", "qcow2"))
+        image("backing-raw-512", "128K", "cluster_size=512", ("write -P 0xf0 1k 1k",), ("backing", "raw"))
+        for label in labels:  # read once every step above is done
+            with open(os.path.join(tmp, label), "rb") as f:
+                seeds[label] = f.read()
+        # Header bits the library reacts to.
+        seeds["dirty-bit"] = set_incompatible(seeds["v3-4k"], 1)
+        seeds["corrupt-bit"] = set_incompatible(seeds["v3-4k"], 2)
+        seeds["datafile-absent"] = seeds["datafile-4k"] + b"\0"
+    return seeds
+
+
+if shutil.which("qemu-img") and shutil.which("qemu-io"):
+    write("qcow2", qcow2_seeds())
+else:
+    print("make-seeds.py: qemu-img or qemu-io is missing: the qcow2 seeds are left as they are")

@@ -18,24 +18,43 @@
 
 #include "internal.h"
 
+/* Images, backing files and data files are opened without blocking (a
+ * name in a hostile image may lead to a FIFO) and must turn out to be
+ * regular files or block devices. */
+static int open_regular(const char *path, uint64_t *size)
+{
+  int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+  if (fd == -1)
+    return -1;
+  struct stat st;
+  if (fstat(fd, &st) == 0 && !S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode)) {
+    close(fd);
+    errno = EINVAL;
+    return -2;
+  }
+  off_t end = lseek(fd, 0, SEEK_END);
+  if (end == -1) {
+    int err = errno;
+    close(fd);
+    errno = err;
+    return -1;
+  }
+  *size = (uint64_t) end;
+  return fd;
+}
+
 static int open_file(struct layer *l)
 {
-  l->fd = open(l->path, O_RDONLY | O_CLOEXEC);
+  l->fd = open_regular(l->path, &l->file_size);
+  if (l->fd == -2) {
+    l->fd = -1;
+    q_error("qcow2: %s is not a regular file or a block device", l->path);
+    return -1;
+  }
   if (l->fd == -1) {
     q_error("qcow2: %s: %s", l->path, strerror(errno));
     return -1;
   }
-  struct stat st;
-  off_t end = lseek(l->fd, 0, SEEK_END);
-  if (fstat(l->fd, &st) == -1 || end == -1) {
-    q_error("qcow2: %s: %s", l->path, strerror(errno));
-    return -1;
-  }
-  if (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode)) {
-    q_error("qcow2: %s is not a regular file or a block device", l->path);
-    return -1;
-  }
-  l->file_size = (uint64_t) end;
   return 0;
 }
 
@@ -231,13 +250,13 @@ static int open_data_file(struct layer *l, const struct extensions *ext, const s
     return -1;
   }
   free(name);
-  l->data_fd = open(l->data_path, O_RDONLY | O_CLOEXEC);
-  off_t end;
-  if (l->data_fd == -1 || (end = lseek(l->data_fd, 0, SEEK_END)) == -1) {
-    q_error("qcow2: %s: external data file %s: %s", l->path, l->data_path, strerror(errno));
+  l->data_fd = open_regular(l->data_path, &l->data_file_size);
+  if (l->data_fd < 0) {
+    q_error("qcow2: %s: external data file %s: %s", l->path, l->data_path,
+            l->data_fd == -2 ? "not a regular file or a block device" : strerror(errno));
+    l->data_fd = -1;
     return -1;
   }
-  l->data_file_size = (uint64_t) end;
   q_debug("qcow2: %s: guest data lives in %s", l->path, l->data_path);
   return 0;
 }

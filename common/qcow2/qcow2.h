@@ -70,8 +70,10 @@ struct qcow2_status {
    * shorter than the layer above, that backing file's depth. */
   unsigned depth;
 };
-/* The longest stretch starting at offset, at most max_length bytes and
- * inside the disk, whose kind and depth do not change.  0 or -errno. */
+/* A stretch starting at offset, at most max_length bytes and inside the
+ * disk, whose kind and depth do not change: the longest one, unless
+ * finding its end would take long (the next call goes on from there).
+ * 0 or -errno. */
 int qcow2_block_status(struct qcow2_chain *chain, uint64_t offset, uint64_t max_length,
                        struct qcow2_status *status);
 

@@ -128,10 +128,17 @@ static int classify(const struct layer *l, uint64_t guest, const uint64_t entry[
   return 0;
 }
 
-/* The longest run from guest offset `offset` (inside the layer, at most
- * max bytes) of one kind: for data, at contiguous host offsets, unless
- * any_host (block status does not care where data is stored, and counts
- * compressed clusters as data). */
+/* L2 entries one map_run looks at, at most: the run it returns may be
+ * shorter than the stretch of that kind, so that the time one request
+ * takes stays bounded whatever the disk size (an 8 TiB disk of zero
+ * clusters would otherwise be walked whole). */
+#define RUN_MAX_ENTRIES 1024
+
+/* A run from guest offset `offset` (inside the layer, at most max bytes)
+ * of one kind: for data, at contiguous host offsets, unless any_host
+ * (block status does not care where data is stored, and counts
+ * compressed clusters as data).  The longest such run, unless it spans
+ * more than RUN_MAX_ENTRIES L2 entries. */
 static int map_run(struct qcow2_chain *chain, const struct layer *l, uint64_t offset, uint64_t max,
                    bool any_host, struct run *run)
 {
@@ -139,13 +146,30 @@ static int map_run(struct qcow2_chain *chain, const struct layer *l, uint64_t of
   uint64_t end = offset + max;
   uint64_t pos = offset;
   bool started = false;
+  unsigned examined = 0;
   uint64_t entries[ENTRY_BATCH][2];
 
-  while (pos < end) {
+  while (pos < end && examined < RUN_MAX_ENTRIES) {
     uint64_t cluster = pos >> l->cluster_bits;
+    uint64_t l1_index = cluster >> l->l2_bits;
+    if (l1_index >= l->l1_size || (l->l1[l1_index] & QCOW2_OFFSET_MASK) == 0) {
+      /* No L2 table: all it would map is unallocated, in one step. */
+      if (started && run->kind != RUN_UNALLOCATED)
+        return 0;
+      if (!started)
+        *run = (struct run) {.kind = RUN_UNALLOCATED, .host = 0, .length = 0};
+      started = true;
+      uint64_t table_end = (l1_index + 1) << (l->l2_bits + l->cluster_bits);
+      uint64_t stop = table_end < end ? table_end : end;
+      run->length += stop - pos;
+      pos = stop;
+      examined += ENTRY_BATCH;
+      continue;
+    }
     int n = fetch_entries(chain, l, cluster, entries, ENTRY_BATCH);
     if (n < 0)
-      return n;
+      return started ? 0 : n; /* the run so far stands; the next call meets the error */
+    examined += (unsigned) n;
     for (int i = 0; i < n && pos < end; i++) {
       uint64_t cluster_end = (cluster + (uint64_t) i + 1) << l->cluster_bits;
       while (pos < cluster_end && pos < end) {
@@ -154,7 +178,7 @@ static int map_run(struct qcow2_chain *chain, const struct layer *l, uint64_t of
         uint64_t host = 0;
         int r = classify(l, pos, entries[i], unit, &kind, &host);
         if (r < 0)
-          return r;
+          return started ? 0 : r;
         uint64_t unit_start = pos & ~((1ull << unit_bits) - 1);
         uint64_t unit_end = unit_start + (1ull << unit_bits);
         if (kind == RUN_COMPRESSED)
@@ -440,7 +464,7 @@ static int layer_status(struct qcow2_chain *chain, const struct layer *l, uint64
 
 /* Consecutive runs of the same kind and depth, merged: bounded, so that
  * one call never walks a whole huge disk. */
-#define STATUS_MERGES 64
+#define STATUS_MERGES 16
 
 int qcow2_block_status(struct qcow2_chain *chain, uint64_t offset, uint64_t max_length,
                        struct qcow2_status *status)

@@ -271,8 +271,14 @@ static int q2_pread(void *handle, void *buf, uint32_t count, uint64_t offset, ui
   return 0;
 }
 
+/* Stretches one BLOCK_STATUS reply looks up at most: the protocol lets a
+ * reply cover less than was asked, and the client asks again from where
+ * it ends, so a huge disk costs many short requests, not one long one. */
+#define MAX_STRETCHES 64
+
 /* Describes [offset, offset+count) through `next`, one stretch at a time,
- * until the range is covered or the builder wants no more. */
+ * until the range is covered, the builder wants no more, or
+ * MAX_STRETCHES were looked up. */
 typedef int stretch_fn(struct qcow2_chain *c, const char *context, uint64_t offset, uint64_t max,
                        uint64_t *length, uint64_t *flags);
 
@@ -280,7 +286,7 @@ static int describe(void *handle, const char *context, uint64_t count, uint64_t 
                     struct nbdserve_extents *extents, stretch_fn *next)
 {
   uint64_t end = offset + count, pos = offset;
-  while (pos < end) {
+  for (int i = 0; i < MAX_STRETCHES && pos < end; i++) {
     uint64_t length, flags;
     int r = next(handle, context, pos, end - pos, &length, &flags);
     if (r < 0) {

@@ -1,0 +1,16 @@
+#!/bin/bash
+# The qcow2 library's C unit test (tests/lib/qcow2-unit.c): images built
+# byte by byte, read through common/qcow2 directly.  The program prints
+# its own TAP; this wrapper gives it a private directory in $tmp and a
+# time limit, so a deadlock in the cache or a thread shows as a failure.
+. "$(dirname "$0")/lib/functions.sh"
+
+unit="$top/tests/lib/qcow2-unit"
+[ -x "$unit" ] || skip_all "tests/lib/qcow2-unit is not built (run make)"
+
+timeout -k 5 "$CLIENT_TIMEOUT" "$unit" "$tmp"
+rc=$?
+[ $rc -eq 124 ] && echo "# qcow2-unit ran for over $CLIENT_TIMEOUT s"
+cleanup
+trap - EXIT
+exit $rc
