@@ -1,11 +1,13 @@
 /* nbdserve - the handshake: greeting, option haggling, export opening.
  *
- * The loop thread collects one whole option (header and payload, which
- * is bounded by MAX_OPTION_LENGTH) and hands it to a worker, since most
+ * The connection's loop thread collects one whole option (header and
+ * payload, which is bounded by MAX_OPTION_LENGTH) and hands it to a job
+ * (a worker, or run at once when the chain never blocks), since most
  * options call into the plugin (list_exports, open, get_size...).  The
- * worker appends its replies to conn->hs_out and reports back; the loop
+ * job appends its replies to conn->hs_out and reports back; the loop
  * writes them and reads the next option.  One option at a time, as the
- * protocol has it.
+ * protocol has it.  Nothing here touches the loop's watchers: the
+ * results say what comes next, and connection.c does it.
  *
  * SPDX-License-Identifier: BSD-3-Clause
  */
@@ -159,10 +161,9 @@ static void close_export(struct conn *conn)
   conn->identity.export_name = NULL;
 }
 
-/* Open NAME through the chain and learn its size and capabilities.
- * Returns 0, or -1 with a message in MSG. */
-/* Opens the export the client asked for.  On failure returns the errno
- * and describes it in MSG. */
+/* Opens the export the client asked for through the chain and learns
+ * its size and capabilities.  Returns 0, or on failure the errno, with
+ * a description in MSG. */
 static int open_export(struct conn *conn, const char *requested, char *msg, size_t msglen)
 {
   int err = 0;

@@ -167,10 +167,15 @@ static void start_loops(unsigned n)
   loops = calloc(n, sizeof *loops);
   if (loops == NULL)
     die("out of memory");
-  /* The loop threads leave signals to the main thread. */
-  sigset_t all, old;
-  sigfillset(&all);
-  pthread_sigmask(SIG_BLOCK, &all, &old);
+  /* The loop threads leave the asynchronous signals (SIGINT, SIGTERM,
+   * SIGCHLD...) to the main thread; faults stay unblocked, so that a
+   * crash in a loop thread is still reported as one. */
+  sigset_t async, old;
+  sigfillset(&async);
+  static const int faults[] = { SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGTRAP, SIGABRT, SIGSYS };
+  for (size_t i = 0; i < sizeof faults / sizeof faults[0]; i++)
+    sigdelset(&async, faults[i]);
+  pthread_sigmask(SIG_BLOCK, &async, &old);
   for (unsigned i = 0; i < n; i++) {
     struct ev_loop *ev = ev_loop_new(EVFLAG_AUTO | EVFLAG_NOSIGMASK);
     if (ev == NULL)
@@ -225,9 +230,12 @@ static void hand_over(int rfd, int wfd)
   h->rfd = rfd;
   h->wfd = wfd;
   __atomic_add_fetch(&best->load, 1, __ATOMIC_RELAXED);
+  h->next = NULL;
   pthread_mutex_lock(&best->inbox_lock);
-  h->next = best->inbox;
-  best->inbox = h;
+  struct handoff **tail = &best->inbox; /* in accept order; the inbox is short */
+  while (*tail)
+    tail = &(*tail)->next;
+  *tail = h;
   pthread_mutex_unlock(&best->inbox_lock);
   ev_async_send(best->ev, &best->inbox_watcher);
 }

@@ -242,8 +242,8 @@ static unsigned parse_loops(const char *arg)
   return (unsigned) n;
 }
 
-/* The payload cap, from the largest request the protocol's 32-bit
- * lengths can carry in a simple request down to 1 MiB. */
+/* --max-payload: 1 MiB at least (less would refuse what ordinary
+ * clients send), MAX_PAYLOAD_LIMIT at most (one request's buffer). */
 static uint32_t parse_max_payload(const char *arg)
 {
   int64_t n = nbdserve_parse_size(arg);
