@@ -51,9 +51,11 @@ fuzz/build/qcow2-lib/%.o: common/qcow2/%.c $(wildcard common/qcow2/*.h)
 fuzz/build/qcow2: fuzz/qcow2.c $(QCOW2_FUZZ_OBJS)
 	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer $^ -o $@ -lz -lzstd
 
-# -rdynamic: the plugin the harness loads finds the nbdserve_* functions.
-fuzz/build/%: fuzz/%.c $(FUZZ_OBJS)
-	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer -rdynamic $^ -o $@ $(SERVER_LIBS)
+# The plugin the harness loads finds the nbdserve_* functions through the
+# server's dynamic list, as in ./nbdserve; clang adds the sanitizer
+# runtime's own list of symbols beside it.
+fuzz/build/%: fuzz/%.c $(FUZZ_OBJS) $(SERVER_DYNLIST)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer $(SERVER_EXPORTS) $(filter-out $(SERVER_DYNLIST),$^) -o $@ $(SERVER_LIBS)
 
 fuzz: fuzz-build
 	@mkdir -p fuzz/crashes
