@@ -4,21 +4,23 @@
 # globals as it likes, even after the server's internals (opt, die,
 # top_layer, ...), and still use its own.
 . "$(dirname "$0")/lib/functions.sh"
-requires cc nm nbdsh
+requires cc nm readelf nbdsh
 plan 8
 
 # Besides nbdserve_*, the only dynamic symbols the binary may define are
-# copies of C library variables it uses (stdout, optarg, ...: the linker
-# places them in the executable, a "copy relocation", and libc itself
-# then binds to that copy, so they must be exported; nm prints them with
-# libc's version, @GLIBC_*) and _IO_stdin_used, which some toolchains
-# export for libc to tell the stdio ABI of the program.
+# copies of shared-library variables it uses (stdout, optarg, and in a
+# sanitizer build __asan_option_detect_stack_use_after_return): the
+# linker places them in the executable, a "copy relocation", and the
+# library itself then binds to that copy, so they must be exported;
+# readelf lists them as R_*_COPY.  And _IO_stdin_used, which some
+# toolchains export for libc to tell the stdio ABI of the program.
 if [ -n "${NBDSERVE_BINARY:-}" ]; then
     skip "NBDSERVE_BINARY is another server"
 else
     nm -D --defined-only "$NBDSERVE" > "$tmp/nm.out" 2>&1
-    others=$(awk '{print $NF}' "$tmp/nm.out" |
-             grep -Ev '^(nbdserve_[a-z0-9_]+|_IO_stdin_used|[A-Za-z_][A-Za-z0-9_]*@GLIBC_[0-9.]+)$')
+    readelf -rW "$NBDSERVE" | awk '$3 ~ /_COPY$/ {print $5}' > "$tmp/copies"
+    others=$(awk '{print $NF}' "$tmp/nm.out" | grep -Ev '^(nbdserve_[a-z0-9_]+|_IO_stdin_used)$' |
+             grep -vxF -f "$tmp/copies")
     if [ -s "$tmp/nm.out" ] && [ -z "$others" ]; then
         ok "nm -D: the server exports only nbdserve_* ($(grep -c ' nbdserve_' "$tmp/nm.out") symbols)"
     else
