@@ -24,6 +24,15 @@ extern "C" {
  * for list_exports and list_meta_contexts). */
 struct nbdserve_next;
 
+/* nbdserve_filter.thread_model left unset (0): PARALLEL, the filter
+ * default, since most filters keep no state a second request could
+ * disturb.  It is 0, the value of NBDSERVE_THREAD_MODEL_SERIALIZE_CONNECTIONS,
+ * because every filter built so far that sets nothing has 0 there and
+ * means PARALLEL; so a filter cannot ask for SERIALIZE_CONNECTIONS, and
+ * one that needs the strictest model it can have uses
+ * SERIALIZE_ALL_REQUESTS. */
+#define NBDSERVE_FILTER_THREAD_MODEL_DEFAULT 0
+
 /* Bits of nbdserve_filter.flags: as NBDSERVE_PLUGIN_NEVER_BLOCKS. */
 #define NBDSERVE_FILTER_NEVER_BLOCKS (1u << 0)
 
@@ -37,8 +46,9 @@ struct nbdserve_filter {
   const char *description;
   const char *config_help;
   /* The most parallel thread model this filter can stand; the server
-   * uses the most restrictive model of the whole chain.  0 means
-   * NBDSERVE_THREAD_MODEL_PARALLEL for filters. */
+   * uses the most restrictive model of the whole chain.  Left unset it
+   * is NBDSERVE_FILTER_THREAD_MODEL_DEFAULT: PARALLEL, the filter
+   * default (a plugin's unset value is the strictest model instead). */
   int thread_model;
   uint32_t flags;
 

@@ -27,6 +27,11 @@ extern "C" {
  * them to a worker, which saves a thread wake-up per request. */
 #define NBDSERVE_PLUGIN_NEVER_BLOCKS (1u << 0)
 
+/* nbdserve_plugin.thread_model left unset (0): SERIALIZE_CONNECTIONS,
+ * the plugin default, safe for code that knows nothing of threads.  The
+ * filter default differs (NBDSERVE_FILTER_THREAD_MODEL_DEFAULT). */
+#define NBDSERVE_PLUGIN_THREAD_MODEL_DEFAULT NBDSERVE_THREAD_MODEL_SERIALIZE_CONNECTIONS
+
 struct nbdserve_plugin {
   /* Set by NBDSERVE_PLUGIN_INIT; lets the server load plugins compiled
    * against an older, shorter struct.  Never set by hand. */
@@ -41,7 +46,9 @@ struct nbdserve_plugin {
   /* A bare parameter on the command line (no '=') is taken as this key,
    * e.g. "file" for `nbdserve file disk.img`. */
   const char *magic_config_key;
-  int thread_model; /* NBDSERVE_THREAD_MODEL_*; 0 means SERIALIZE_CONNECTIONS */
+  /* NBDSERVE_THREAD_MODEL_*; left unset it is
+   * NBDSERVE_PLUGIN_THREAD_MODEL_DEFAULT, SERIALIZE_CONNECTIONS. */
+  int thread_model;
   uint32_t flags; /* NBDSERVE_PLUGIN_* */
 
   /* ---- Life cycle (called on the main thread, before serving) ---- */

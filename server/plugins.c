@@ -78,17 +78,61 @@ static char *find_object(const char *name, const char *kind, const char *install
   return path;
 }
 
+/* The largest struct_size believed: the structs grow by a few pointers
+ * a release, so anything near this is a stray value, not a struct. */
+#define MAX_STRUCT_SIZE 65536
+
 /* Copy a registered struct of SIZE bytes (as compiled) into DEST of
- * OUR_SIZE bytes: older, shorter structs are zero-extended; newer,
- * longer ones have their unknown tail ignored. */
+ * OUR_SIZE bytes.  An older, shorter struct is zero-extended: every
+ * field it lacks reads as "not set", the default.  A newer, longer one
+ * is accepted only when its fields past OUR_SIZE are all zero, i.e.
+ * unset: a field this server does not know, set, asks for behaviour the
+ * server would silently not give, so such a plugin is refused. */
 static void copy_struct(void *dest, size_t our_size, const void *src, uint32_t size,
                         size_t min_size, const char *what, const char *path)
 {
   if (size < min_size)
     die("%s %s: its struct is %u bytes, too small to be an nbdserve %s "
         "(was it built against these headers?)", what, path, size, what);
+  if (size > MAX_STRUCT_SIZE)
+    die("%s %s: its struct claims %u bytes, more than any nbdserve %s can be "
+        "(is struct_size set by NBDSERVE_%s_INIT?)", what, path, size, what,
+        strcmp(what, "plugin") == 0 ? "PLUGIN" : "FILTER");
+  if (size > our_size) {
+    const unsigned char *tail = (const unsigned char *) src + our_size;
+    for (size_t i = 0; i < size - our_size; i++)
+      if (tail[i] != 0)
+        die("%s %s: its struct is %u bytes, built against newer headers than this "
+            "server's %zu-byte struct, and sets a field this server does not know "
+            "(byte %zu is not zero): upgrade the server, or leave that field unset",
+            what, path, size, our_size, our_size + i);
+  }
   memset(dest, 0, our_size);
   memcpy(dest, src, MIN((size_t) size, our_size));
+}
+
+/* The server speaks version NBDSERVE_API_VERSION only; say which side is
+ * behind, since the fix differs (upgrade the server, or rebuild). */
+static void check_api_version(uint32_t version, const char *what, const char *path)
+{
+  if (version == NBDSERVE_API_VERSION)
+    return;
+  if (version > NBDSERVE_API_VERSION)
+    die("%s %s was built for ABI version %u, newer than this server, which speaks "
+        "version %d: upgrade the server", what, path, version, NBDSERVE_API_VERSION);
+  die("%s %s was built for ABI version %u, this server speaks version %d "
+      "(is api_version set by NBDSERVE_%s_INIT?)", what, path, version,
+      NBDSERVE_API_VERSION, strcmp(what, "plugin") == 0 ? "PLUGIN" : "FILTER");
+}
+
+/* The thread model a filter stands: its own unset value,
+ * NBDSERVE_FILTER_THREAD_MODEL_DEFAULT (0, as every filter compiled so
+ * far leaves it), is PARALLEL, while for plugins 0 is the strictest
+ * model. */
+static int filter_thread_model(const struct nbdserve_filter *f)
+{
+  return f->thread_model == NBDSERVE_FILTER_THREAD_MODEL_DEFAULT
+    ? NBDSERVE_THREAD_MODEL_PARALLEL : f->thread_model;
 }
 
 /* Code anybody may replace must not run inside the server: refuse a
@@ -142,9 +186,7 @@ static struct layer *load_layer(const char *name, bool is_plugin)
     const struct nbdserve_plugin *p = ((const struct nbdserve_plugin *(*) (void)) init)();
     if (p == NULL)
       die("plugin %s: registration returned nothing", l->filename);
-    if (p->api_version != NBDSERVE_API_VERSION)
-      die("plugin %s was built for ABI version %u, this server speaks version %d",
-          l->filename, p->api_version, NBDSERVE_API_VERSION);
+    check_api_version(p->api_version, kind, l->filename);
     copy_struct(&l->plugin, sizeof l->plugin, p, p->struct_size,
                 offsetof(struct nbdserve_plugin, load), kind, l->filename);
     if (!valid_short_name(l->plugin.name))
@@ -162,9 +204,7 @@ static struct layer *load_layer(const char *name, bool is_plugin)
     const struct nbdserve_filter *f = ((const struct nbdserve_filter *(*) (void)) init)();
     if (f == NULL)
       die("filter %s: registration returned nothing", l->filename);
-    if (f->api_version != NBDSERVE_API_VERSION)
-      die("filter %s was built for ABI version %u, this server speaks version %d",
-          l->filename, f->api_version, NBDSERVE_API_VERSION);
+    check_api_version(f->api_version, kind, l->filename);
     copy_struct(&l->filter, sizeof l->filter, f, f->struct_size,
                 offsetof(struct nbdserve_filter, load), kind, l->filename);
     if (!valid_short_name(l->filter.name))
@@ -279,8 +319,7 @@ int chain_thread_model(void)
 {
   int model = plugin_layer->plugin.thread_model;
   for (struct layer *l = top_layer; l && !l->is_plugin; l = l->below) {
-    int m = l->filter.thread_model ? l->filter.thread_model : NBDSERVE_THREAD_MODEL_PARALLEL;
-    model = MIN(model, m);
+    model = MIN(model, filter_thread_model(&l->filter));
   }
   return model;
 }
@@ -355,7 +394,7 @@ static void dump_filter(FILE *fp, const struct layer *l)
     fprintf(fp, "%sversion=%s\n", pre, f->version);
   fprintf(fp, "%sapi_version=%u\n", pre, f->api_version);
   fprintf(fp, "%sthread_model=%s\n", pre,
-          thread_model_name(f->thread_model ? f->thread_model : NBDSERVE_THREAD_MODEL_PARALLEL));
+          thread_model_name(filter_thread_model(f)));
   HAS(fp, pre, f, config); HAS(fp, pre, f, open); HAS(fp, pre, f, prepare);
   HAS(fp, pre, f, pread); HAS(fp, pre, f, pwrite); HAS(fp, pre, f, flush); HAS(fp, pre, f, trim);
   HAS(fp, pre, f, zero); HAS(fp, pre, f, cache); HAS(fp, pre, f, extents);
