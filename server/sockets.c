@@ -139,6 +139,9 @@ static int listen_unix(const char *given, bool owner_only, char **abs)
     die("cannot bind %s: %s", bound.sun_path, strerror(err));
   if (listen(fd, SOMAXCONN) == -1)
     die("cannot listen on %s: %s", bound.sun_path, strerror(errno));
+  /* The umask left 0700; nobody needs to execute a socket. */
+  if (owner_only && chmod(bound.sun_path, 0600) == -1)
+    die("cannot chmod %s: %s", bound.sun_path, strerror(errno));
   if (use_temp && rename(temp, given) == -1) {
     err = errno;
     unlink(temp);

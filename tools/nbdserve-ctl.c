@@ -77,10 +77,11 @@ int main(int argc, char **argv)
     fprintf(stderr, "nbdserve-ctl: cannot connect to %s: %s\n", argv[1], strerror(errno));
     return 2;
   }
-  if (write_all(fd, request, len) == -1) {
-    fprintf(stderr, "nbdserve-ctl: cannot send the request: %s\n", strerror(errno));
-    return 2;
-  }
+  /* A server that refuses us (another uid, too many clients) answers
+   * with one line and closes, perhaps before our request is sent: the
+   * answer is still there to read, so a failed send is reported only
+   * when no answer comes. */
+  int send_errno = write_all(fd, request, len) == -1 ? errno : 0;
   /* Nothing more from us: the server closes once it has answered. */
   shutdown(fd, SHUT_WR);
 
@@ -106,6 +107,9 @@ int main(int argc, char **argv)
     puts(line);
   }
   fflush(stdout);
-  fprintf(stderr, "nbdserve-ctl: the server closed the connection before answering\n");
+  if (send_errno)
+    fprintf(stderr, "nbdserve-ctl: cannot send the request: %s\n", strerror(send_errno));
+  else
+    fprintf(stderr, "nbdserve-ctl: the server closed the connection before answering\n");
   return 2;
 }
