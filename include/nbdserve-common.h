@@ -111,6 +111,52 @@ extern const char *nbdserve_peer_tls_identity(void);
 /* Ask the server to shut down gracefully (as on SIGTERM). */
 extern void nbdserve_shutdown(void);
 
+/* ---- Control socket commands ------------------------------------------
+ *
+ * A plugin or filter may offer commands on the server's control socket
+ * (nbdserve --control=PATH, see docs/control.md).  The server names a
+ * command "LAYER.NAME", LAYER being the registering plugin's or filter's
+ * short name, so two layers never clash.
+ *
+ * When: nbdserve_register_command may be called only from load, config,
+ * config_complete or get_ready (the server's main thread, before it
+ * serves); anywhere else it fails with EPERM.  NAME is 1 to 64 of
+ * [a-z0-9_-]; HELP is one line of text (at most 200 bytes).  Both are
+ * copied.  Returns 0, or -1 with errno EINVAL (bad name or help),
+ * EEXIST (this layer registered NAME already), EPERM, or ENOMEM.
+ *
+ * The callback receives the request's key=value arguments in order
+ * (ARGC of them; KEYS[i] and VALUES[i], valid only during the call; a
+ * bare word has the value ""), answers with nbdserve_reply_add, and
+ * returns 0 for "ok" or -1 for an error, whose message it gives with
+ * nbdserve_reply_error ("command failed" otherwise).
+ *
+ * Threads: the callback runs on a worker thread, never on an event
+ * loop, so it may block (briefly: the control client waits for it).
+ * The server runs one command callback at a time, but a callback runs
+ * concurrently with the data callbacks of any connection, whatever the
+ * thread model: state it shares with them needs the plugin's own lock.
+ * The callback runs with no connection: nbdserve_export_name and the
+ * other connection functions return NULL/0 inside it.
+ */
+struct nbdserve_reply;
+typedef int (*nbdserve_command_fn)(int argc, const char *const *keys,
+                                   const char *const *values,
+                                   struct nbdserve_reply *reply);
+extern int nbdserve_register_command(const char *name, const char *help,
+                                     nbdserve_command_fn fn);
+/* Add one "KEY=VALUE" line to the answer.  KEY as a command name (1 to
+ * 64 of [a-z0-9_.-]); a newline in the value becomes a space.  The
+ * answer holds at most 256 KiB; beyond, the command fails with "reply
+ * too long".  Returns 0, or -1 (errno EINVAL for a bad key, E2BIG when
+ * the answer is full).  Only inside the callback, on REPLY. */
+extern int nbdserve_reply_add(struct nbdserve_reply *reply, const char *key,
+                              const char *fmt, ...) NBDSERVE_PRINTF(3, 4);
+/* The message of the "error: MESSAGE" line if the callback returns -1
+ * (one line; the last call wins). */
+extern void nbdserve_reply_error(struct nbdserve_reply *reply, const char *fmt, ...)
+  NBDSERVE_PRINTF(2, 3);
+
 /* ---- Extents builder ---------------------------------------------------
  *
  * The server hands the extents callback a list that covers the range

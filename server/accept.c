@@ -40,6 +40,11 @@ void connection_opened(void)
   __atomic_add_fetch(&open_conns, 1, __ATOMIC_RELAXED);
 }
 
+unsigned connections_open(void)
+{
+  return __atomic_load_n(&open_conns, __ATOMIC_RELAXED);
+}
+
 /* Any thread. */
 void connection_closed(void)
 {

@@ -138,6 +138,7 @@ struct conn {
   /* Transmission. */
   struct nbdserve_next *top;
   char *export_name;
+  bool export_counted; /* in stats.c's open count of export_name */
   struct conn_identity identity;
   int64_t size;
   uint16_t eflags;
@@ -213,6 +214,7 @@ extern void accept_stop(void);
 extern void accept_finish(void);
 extern void connection_opened(void);
 extern void connection_closed(void); /* any thread */
+extern unsigned connections_open(void); /* any thread */
 
 /* exec.c: where chain calls run, and the thread model's locks */
 enum call_kind { CALL_CONNECTION, /* options, open, close */ CALL_REQUEST };

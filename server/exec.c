@@ -23,14 +23,24 @@
 
 bool run_inline;
 int thread_model;
+static bool workers_running;
 static pthread_mutex_t all_requests_lock = PTHREAD_MUTEX_INITIALIZER;
 
 void exec_setup(void)
 {
   thread_model = chain_thread_model();
   run_inline = !opt.no_inline && chain_never_blocks();
-  if (!run_inline)
+  if (!run_inline) {
     workers_start(opt.threads);
+    workers_running = true;
+  }
+  else if (opt.control && commands_count() > 0) {
+    /* A plugin's control command may block, and must never run on a
+     * loop: one worker, asleep until a command comes, serves them.  The
+     * requests still run inline (dispatch_job looks at run_inline). */
+    workers_start(1);
+    workers_running = true;
+  }
   nbdserve_debug("thread model %d, requests run %s", thread_model,
                  run_inline ? "on the loop threads"
                  : opt.no_inline ? "on worker threads (--no-inline)" : "on worker threads");
@@ -38,8 +48,9 @@ void exec_setup(void)
 
 void exec_finish(void)
 {
-  if (!run_inline)
+  if (workers_running)
     workers_stop();
+  workers_running = false;
 }
 
 void dispatch_job(struct job *job)
@@ -78,6 +89,10 @@ void exec_close(struct conn *conn)
 {
   if (conn->top == NULL)
     return;
+  if (conn->export_counted) {
+    stats_export_closed(conn->export_name);
+    conn->export_counted = false;
+  }
   pthread_mutex_t *lock = exec_begin(conn, CALL_CONNECTION);
   chain_close(conn->top);
   conn->top = NULL;

@@ -152,6 +152,10 @@ static uint16_t transmission_flags(struct conn *conn)
 
 static void close_export(struct conn *conn)
 {
+  if (conn->export_counted) {
+    stats_export_closed(conn->export_name);
+    conn->export_counted = false;
+  }
   if (conn->top) {
     chain_close(conn->top);
     conn->top = NULL;
@@ -207,6 +211,8 @@ static int open_export(struct conn *conn, const char *requested, char *msg, size
   /* Until the client shows it knows the limits (opt_info_go). */
   conn->payload_max = MAX(conn->bs_max, opt.max_payload);
   conn->eflags = transmission_flags(conn);
+  stats_export_opened(conn->export_name);
+  conn->export_counted = true;
   return 0;
 
 fail:

@@ -59,6 +59,7 @@ struct options {
   bool tls_verify_peer;
   bool tls_strict_keys; /* --tls-strict-keys: key files open to others are fatal */
   const char *user, *group; /* -u, -g: run as them once the sockets are bound */
+  const char *control; /* --control PATH: the control socket; NULL if none */
 };
 extern struct options opt;
 /* For the parent left waiting in daemonize: the SIGINT and SIGTERM
@@ -92,6 +93,9 @@ extern bool find_group(const char *text, gid_t *gid);
 extern void open_listeners(int **fds, size_t *nfds);
 /* Unlink it (and the private dir) at exit; async-signal-safe. */
 extern void remove_unix_socket(void);
+/* --control PATH: bind it (mode 0600) and listen; returns the
+ * non-blocking fd.  remove_unix_socket unlinks it too. */
+extern int open_control_socket(void);
 
 
 /* ---- captive.c: --run, pidfile, daemonizing, --exit-with-parent --------- */
@@ -132,6 +136,10 @@ extern int chain_thread_model(void); /* the most restrictive of all layers */
 extern bool chain_never_blocks(void); /* every layer declares NEVER_BLOCKS */
 extern void chain_dump(FILE *fp); /* --dump-plugin */
 extern void chain_help(FILE *fp); /* plugin and filter help for --help */
+/* Short name of the layer whose load, config, config_complete or
+ * get_ready callback runs now (main thread), NULL outside them: the
+ * layer a command registered then belongs to. */
+extern const char *chain_calling_layer(void);
 
 /* ---- backend.c: calling through the chain -------------------------------- */
 
@@ -212,6 +220,7 @@ extern void workers_release(void);
  * true while jobs are still queued (call again later). */
 extern bool workers_nudge(void);
 extern void workers_stop(void); /* finish queued jobs, join */
+extern unsigned workers_count(void); /* threads started (0 when requests run inline) */
 
 /* ---- cpulimit.c: how much CPU this process may use ---------------------- */
 extern unsigned affinity_cpus(void); /* CPUs sched_getaffinity allows */
@@ -234,8 +243,71 @@ extern uint64_t busy_poll_work_begins(void);
 extern void busy_poll_work_ends(uint64_t began);
 extern void busy_poll_report(void); /* debug: what it did */
 
+/* ---- stats.c: what the control socket's status reports ------------------ */
+/* Requests by kind, as the loops parse them. */
+enum request_kind { KIND_READ, KIND_WRITE, KIND_FLUSH, KIND_TRIM, KIND_ZERO, KIND_CACHE,
+                    KIND_BLOCK_STATUS, KIND_OTHER, NR_KINDS };
+extern const char *const request_kind_names[NR_KINDS];
+/* One loop's counters.  Only the loop's own thread adds to them, so an
+ * add is a relaxed load and store (no locked instruction, no shared
+ * cache line on the request path); readers on other threads take
+ * relaxed loads and may see a figure a request behind. */
+struct counters {
+  uint64_t requests[NR_KINDS];
+  uint64_t bytes_read, bytes_written; /* data of READ and WRITE requests accepted */
+};
+static inline void counter_add(uint64_t *c, uint64_t n)
+{
+  __atomic_store_n(c, __atomic_load_n(c, __ATOMIC_RELAXED) + n, __ATOMIC_RELAXED);
+}
+extern void stats_start(void); /* the clock of uptime starts */
+extern double stats_uptime(void); /* seconds since stats_start */
+/* An export opened / closed by a connection (any thread; not on the
+ * request path, so a mutex is fine). */
+extern void stats_export_opened(const char *name);
+extern void stats_export_closed(const char *name);
+/* Calls FN for each export open now, under the table's lock. */
+extern void stats_exports_foreach(void (*fn)(const char *name, unsigned open, void *arg),
+                                  void *arg);
+
+/* ---- commands.c: the commands plugins and filters register ------------- */
+/* The answer a command builds with nbdserve_reply_add: "key=value\n"
+ * lines, and the message of nbdserve_reply_error. */
+#define REPLY_MAX_BYTES (256 * 1024)
+struct nbdserve_reply {
+  char *text;
+  size_t len, cap;
+  char *error; /* malloc'ed; NULL unless nbdserve_reply_error was called */
+  bool overflowed; /* more than REPLY_MAX_BYTES: the answer is an error */
+  bool failed; /* set by command_invoke; error_text is then the message */
+  const char *error_text; /* error, or a constant */
+};
+struct command; /* a registered command */
+extern size_t commands_count(void);
+extern const struct command *command_at(size_t i);
+extern const struct command *command_find(const char *full_name);
+extern const char *command_full_name(const struct command *cmd); /* "LAYER.NAME" */
+extern const char *command_help(const struct command *cmd);
+/* Worker thread: run CMD (one command at a time, server-wide); the
+ * reply holds its lines and whether it failed, with error_text. */
+extern void command_invoke(const struct command *cmd, int argc, const char *const *keys,
+                           const char *const *values, struct nbdserve_reply *reply);
+extern void reply_free(struct nbdserve_reply *reply);
+/* Append a "key=value\n" line (value made one line: \n and \r become
+ * spaces); the built-in commands use it too.  -1 if the reply is full. */
+extern int reply_add_line(struct nbdserve_reply *reply, const char *key, const char *value);
+extern void commands_free(void);
+
+/* ---- control.c: the control socket (main loop) --------------------------- */
+extern void control_start(struct ev_loop *main_ev, int listen_fd);
+extern void control_finish(void); /* after the workers stopped: close everything */
+
 /* ---- loop.c: the loops and the process's life ------------------------------ */
-extern int serve(const int *listen_fds, size_t nfds); /* runs the loop; returns exit status */
+/* Runs the main loop; returns the exit status.  CONTROL_FD: the
+ * --control socket, or -1. */
+extern int serve(const int *listen_fds, size_t nfds, int control_fd);
+extern unsigned loops_count(void);
+extern void loops_sum_counters(struct counters *sum); /* any thread */
 extern void serve_one_connection(int rfd, int wfd); /* fuzzing: one connection, in this thread */
 
 /* ---- stop.c: asking the server to stop ------------------------------------ */

@@ -62,13 +62,13 @@ void nbdserve_error(const char *fmt, ...)
 
 void nbdserve_vdebug(const char *fmt, va_list args)
 {
-  if (opt.verbose)
+  if (__atomic_load_n(&opt.verbose, __ATOMIC_RELAXED)) /* set-verbose may change it */
     emit(LOG_DEBUG, "debug: ", fmt, args);
 }
 
 void nbdserve_debug(const char *fmt, ...)
 {
-  if (!opt.verbose)
+  if (!__atomic_load_n(&opt.verbose, __ATOMIC_RELAXED))
     return;
   va_list args;
   va_start(args, fmt);

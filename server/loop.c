@@ -164,9 +164,11 @@ static void *loop_main(void *arg)
 
 static void start_loops(unsigned n)
 {
-  loops = calloc(n, sizeof *loops);
+  /* aligned_alloc: each loop's counters start a cache line of their own. */
+  loops = aligned_alloc(_Alignof(struct loop), n * sizeof *loops);
   if (loops == NULL)
     die("out of memory");
+  memset(loops, 0, n * sizeof *loops);
   /* The loop threads leave the asynchronous signals (SIGINT, SIGTERM,
    * SIGCHLD...) to the main thread; faults stay unblocked, so that a
    * crash in a loop thread is still reported as one. */
@@ -195,6 +197,23 @@ static void start_loops(unsigned n)
   }
   pthread_sigmask(SIG_SETMASK, &old, NULL);
   nbdserve_debug("%u connection loop%s", n, n == 1 ? "" : "s");
+}
+
+unsigned loops_count(void)
+{
+  return nr_loops;
+}
+
+void loops_sum_counters(struct counters *sum)
+{
+  memset(sum, 0, sizeof *sum);
+  for (unsigned i = 0; i < nr_loops; i++) {
+    const struct counters *c = &loops[i].counters;
+    for (int k = 0; k < NR_KINDS; k++)
+      sum->requests[k] += __atomic_load_n(&c->requests[k], __ATOMIC_RELAXED);
+    sum->bytes_read += __atomic_load_n(&c->bytes_read, __ATOMIC_RELAXED);
+    sum->bytes_written += __atomic_load_n(&c->bytes_written, __ATOMIC_RELAXED);
+  }
 }
 
 static void join_loops(void)
@@ -349,9 +368,10 @@ static void serve_stdio(void)
   hand_over(rfd, wfd);
 }
 
-int serve(const int *listen_fds, size_t nfds)
+int serve(const int *listen_fds, size_t nfds, int control_fd)
 {
   signal(SIGPIPE, SIG_IGN);
+  stats_start();
   main_ev = ev_default_loop(EVFLAG_AUTO | EVFLAG_NOSIGMASK);
   if (main_ev == NULL)
     die("cannot initialise the event loop (libev)");
@@ -370,6 +390,8 @@ int serve(const int *listen_fds, size_t nfds)
   accept_start(main_ev, listen_fds, nfds, adopt_accepted, opt.single ? begin_shutdown : NULL);
   if (opt.single)
     serve_stdio();
+  if (control_fd >= 0)
+    control_start(main_ev, control_fd);
 
   if (opt.run) {
     pid_t pid = captive_start();
@@ -386,6 +408,7 @@ int serve(const int *listen_fds, size_t nfds)
 
   join_loops();
   exec_finish();
+  control_finish(); /* after the workers: no command is left running */
   accept_finish();
   for (size_t i = 0; i < nfds; i++)
     close(listen_fds[i]);

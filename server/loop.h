@@ -31,6 +31,9 @@ struct loop {
   pthread_t thread;
   bool has_thread; /* false: runs on the thread that called serve_one_connection */
   unsigned load; /* connections given to this loop and not yet closed (atomic) */
+  /* Requests and bytes: the loop thread adds, anyone reads (counter_add).
+   * Aligned so that the loops' counters never share a cache line. */
+  struct counters counters __attribute__((aligned(64)));
 
   /* Connections other threads want looked at (conn_kick). */
   pthread_mutex_t kick_lock;

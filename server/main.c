@@ -51,6 +51,7 @@ enum {
   OPT_NO_INLINE,
   OPT_LOOPS,
   OPT_MAX_PAYLOAD,
+  OPT_CONTROL,
 };
 
 /* The leading ':' makes getopt report a missing argument as ':' and stay
@@ -92,6 +93,7 @@ static const struct option long_options[] = {
   { "group", required_argument, NULL, 'g' },
   { "allow", required_argument, NULL, OPT_ALLOW },
   { "deny", required_argument, NULL, OPT_DENY },
+  { "control", required_argument, NULL, OPT_CONTROL },
   { NULL, 0, NULL, 0 },
 };
 
@@ -153,6 +155,8 @@ static void usage(FILE *fp)
 "                            RULE: an address or prefix (192.168.0.0/16, ::1)\n"
 "                            for TCP; uid:USER or gid:GROUP for Unix sockets\n"
 "  -v, --verbose             print debug messages\n"
+"      --control PATH        answer commands (status, shutdown...) on the Unix\n"
+"                            socket PATH, for nbdserve-ctl; see docs/control.md\n"
 "\n"
 "What to serve:\n"
 "      --filter NAME         put filter NAME in front of the plugin (repeatable;\n"
@@ -401,6 +405,11 @@ static void parse_options(int argc, char **argv, struct command *cmd)
     case OPT_LOOPS: opt.loops = parse_loops(optarg); break;
     case OPT_MAX_PAYLOAD: opt.max_payload = parse_max_payload(optarg); break;
     case OPT_NO_INLINE: opt.no_inline = true; break;
+    case OPT_CONTROL:
+      if (optarg[0] == '\0')
+        die("--control: the socket path is empty");
+      opt.control = optarg;
+      break;
     case OPT_MAX_CONNECTIONS: opt.max_connections = parse_max_connections(optarg); break;
     case ':':
       die("option '%s' needs a value; try 'nbdserve --help'", argv[optind - 1]);
@@ -608,6 +617,8 @@ int main(int argc, char **argv)
     open_listeners(&listen_fds, &nfds);
     announce_private_socket();
   }
+  /* Bound with the others, before privileges go, like -U. */
+  int control_fd = opt.control ? open_control_socket() : -1;
 
   daemonize();
   server_pid = getpid();
@@ -624,9 +635,10 @@ int main(int argc, char **argv)
   pidfile_written = opt.pidfile != NULL;
   hold_early_signals(false);
 
-  int status = serve(listen_fds, nfds);
+  int status = serve(listen_fds, nfds, control_fd);
 
   unload_chain();
+  commands_free();
   if (opt.tls != TLS_OFF)
     tls_cleanup();
   acl_free();

@@ -23,6 +23,14 @@
 
 struct layer *top_layer;
 static struct layer *plugin_layer;
+/* The layer whose set-up callback runs now (see chain_calling_layer).
+ * Main thread only: those callbacks all run there, before serving. */
+static struct layer *calling;
+
+const char *chain_calling_layer(void)
+{
+  return calling ? calling->name : NULL;
+}
 
 static bool is_path(const char *name)
 {
@@ -197,8 +205,10 @@ static struct layer *load_layer(const char *name, bool is_plugin)
         l->plugin.thread_model > NBDSERVE_THREAD_MODEL_PARALLEL)
       die("plugin %s: unknown thread model %d", l->plugin.name, l->plugin.thread_model);
     l->name = l->plugin.name;
+    calling = l;
     if (l->plugin.load && l->plugin.load() == -1)
       die("plugin %s: load failed", l->name);
+    calling = NULL;
   }
   else {
     const struct nbdserve_filter *f = ((const struct nbdserve_filter *(*) (void)) init)();
@@ -212,8 +222,10 @@ static struct layer *load_layer(const char *name, bool is_plugin)
     if (l->filter.thread_model < 0 || l->filter.thread_model > NBDSERVE_THREAD_MODEL_PARALLEL)
       die("filter %s: unknown thread model %d", l->filter.name, l->filter.thread_model);
     l->name = l->filter.name;
+    calling = l;
     if (l->filter.load && l->filter.load() == -1)
       die("filter %s: load failed", l->name);
+    calling = NULL;
   }
   return l;
 }
@@ -263,7 +275,9 @@ int chain_config(const char *key, const char *value)
   for (struct layer *l = top_layer; l && !l->is_plugin; l = l->below) {
     if (!l->filter.config)
       continue;
+    calling = l;
     int r = l->filter.config(key, value);
+    calling = NULL;
     if (r == -1) {
       nbdserve_error("filter %s: could not use parameter %s=%s", l->name, key, value);
       return -1;
@@ -275,7 +289,10 @@ int chain_config(const char *key, const char *value)
     nbdserve_error("plugin %s takes no parameters (got %s=%s)", p->name, key, value);
     return -1;
   }
-  if (p->config(key, value) == -1) {
+  calling = plugin_layer;
+  int r = p->config(key, value);
+  calling = NULL;
+  if (r == -1) {
     nbdserve_error("plugin %s: could not use parameter %s=%s", p->name, key, value);
     return -1;
   }
@@ -296,7 +313,10 @@ static int call_up(bool complete)
       fn = complete ? l->plugin.config_complete : l->plugin.get_ready;
     else
       fn = complete ? l->filter.config_complete : l->filter.get_ready;
-    if (fn && fn() == -1) {
+    calling = l;
+    int r = fn ? fn() : 0;
+    calling = NULL;
+    if (r == -1) {
       nbdserve_error("%s %s: %s failed", l->is_plugin ? "plugin" : "filter", l->name,
                      complete ? "configuration" : "get_ready");
       return -1;

@@ -26,7 +26,8 @@
 
 static char *private_dir; /* the temporary directory of -U -, to rmdir */
 static char *socket_path; /* absolute path of the socket we bound */
-static volatile sig_atomic_t socket_removed, private_dir_removed; /* see remove_unix_socket */
+static char *control_path; /* absolute path of the --control socket */
+static volatile sig_atomic_t socket_removed, private_dir_removed, control_removed; /* see remove_unix_socket */
 
 static void add_fd(int **fds, size_t *n, int fd)
 {
@@ -97,14 +98,12 @@ static void remove_stale_socket(const char *path, const struct sockaddr_un *addr
     die("cannot remove the stale socket %s: %s", path, strerror(errno));
 }
 
-static void open_unix(int **fds, size_t *n)
+/* Bind GIVEN and listen; returns the non-blocking fd and, in *ABS, the
+ * absolute name to unlink at exit.  OWNER_ONLY: the file is created with
+ * mode 0600 (the umask is narrowed around bind: we are single-threaded
+ * here, and the file never exists with a wider mode). */
+static int listen_unix(const char *given, bool owner_only, char **abs)
 {
-  /* bind() uses the name as given, which may be shorter than the
-   * absolute one; the absolute one is what we remember. */
-  char *given = opt.unix_private ? make_private_socket_path() : strdup(opt.unix_socket);
-  if (given == NULL)
-    die("out of memory");
-
   struct sockaddr_un addr = { .sun_family = AF_UNIX };
   if (strlen(given) >= sizeof addr.sun_path)
     die("cannot listen on %s: a Unix socket path is at most %zu bytes", given,
@@ -130,22 +129,47 @@ static void open_unix(int **fds, size_t *n)
   int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
   if (fd == -1)
     die("cannot create a Unix socket: %s", strerror(errno));
-  /* The file's mode comes from the umask, as for any file we create. */
-  if (bind(fd, (const struct sockaddr *) &bound, sizeof bound) == -1)
-    die("cannot bind %s: %s", bound.sun_path, strerror(errno));
+  /* Otherwise the file's mode comes from the umask, as for any file we create. */
+  mode_t old_umask = owner_only ? umask(077) : 0;
+  int r = bind(fd, (const struct sockaddr *) &bound, sizeof bound);
+  int err = errno;
+  if (owner_only)
+    umask(old_umask);
+  if (r == -1)
+    die("cannot bind %s: %s", bound.sun_path, strerror(err));
   if (listen(fd, SOMAXCONN) == -1)
     die("cannot listen on %s: %s", bound.sun_path, strerror(errno));
+  /* The umask left 0700; nobody needs to execute a socket. */
+  if (owner_only && chmod(bound.sun_path, 0600) == -1)
+    die("cannot chmod %s: %s", bound.sun_path, strerror(errno));
   if (use_temp && rename(temp, given) == -1) {
-    int err = errno;
+    err = errno;
     unlink(temp);
     die("cannot rename %s to %s: %s", temp, given, strerror(err));
   }
   free(temp);
-  socket_path = absolute(given);
-  free(given);
+  *abs = absolute(given);
+  return fd;
+}
 
+static void open_unix(int **fds, size_t *n)
+{
+  /* bind() uses the name as given, which may be shorter than the
+   * absolute one; the absolute one is what we remember. */
+  char *given = opt.unix_private ? make_private_socket_path() : strdup(opt.unix_socket);
+  if (given == NULL)
+    die("out of memory");
+  int fd = listen_unix(given, false, &socket_path);
+  free(given);
   opt.unix_socket = socket_path; /* what $unixsocket and $uri show */
   add_fd(fds, n, fd);
+}
+
+/* The control socket lets its clients stop the server: only the owner
+ * may open it (and control.c checks the peer's uid besides). */
+int open_control_socket(void)
+{
+  return listen_unix(opt.control, true, &control_path);
 }
 
 /* ---- TCP ------------------------------------------------------------------ */
@@ -295,6 +319,10 @@ void remove_unix_socket(void)
   if (socket_path && !socket_removed) {
     unlink(socket_path);
     socket_removed = true;
+  }
+  if (control_path && !control_removed) {
+    unlink(control_path);
+    control_removed = true;
   }
   if (private_dir && !private_dir_removed) {
     rmdir(private_dir);

@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include "conn.h"
+#include "loop.h"
 #include "meta.h"
 
 /* Reads at least this large are answered sparsely (holes as
@@ -357,6 +358,29 @@ static int do_block_status(struct request *req)
   return r;
 }
 
+/* Loop thread: the status figures (see struct counters).  Bytes are
+ * those of requests that passed the checks. */
+static void count_request(struct conn *conn, const struct request *req)
+{
+  struct counters *c = &conn->loop->counters;
+  enum request_kind kind;
+  switch (req->type) {
+  case NBD_CMD_READ: kind = KIND_READ; break;
+  case NBD_CMD_WRITE: kind = KIND_WRITE; break;
+  case NBD_CMD_FLUSH: kind = KIND_FLUSH; break;
+  case NBD_CMD_TRIM: kind = KIND_TRIM; break;
+  case NBD_CMD_WRITE_ZEROES: kind = KIND_ZERO; break;
+  case NBD_CMD_CACHE: kind = KIND_CACHE; break;
+  case NBD_CMD_BLOCK_STATUS: kind = KIND_BLOCK_STATUS; break;
+  default: kind = KIND_OTHER; break;
+  }
+  counter_add(&c->requests[kind], 1);
+  if (req->error == 0 && kind == KIND_READ)
+    counter_add(&c->bytes_read, req->count);
+  else if (req->error == 0 && kind == KIND_WRITE)
+    counter_add(&c->bytes_written, req->count);
+}
+
 /* Returns 0 when the reply was sent, -1 with errno to send an error. */
 static int run_request(struct request *req)
 {
@@ -516,6 +540,7 @@ bool transmission_input(struct conn *conn)
       return false;
     }
     req->error = check_request(conn, req);
+    count_request(conn, req);
     req->payload_len = (uint32_t) payload;
     if (payload > 0) {
       if (request_reserve(req, payload) == -1) {

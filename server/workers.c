@@ -193,3 +193,8 @@ void workers_stop(void)
   threads = NULL;
   nr_threads = 0;
 }
+
+unsigned workers_count(void)
+{
+  return __atomic_load_n(&nr_threads, __ATOMIC_RELAXED);
+}
