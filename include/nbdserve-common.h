@@ -12,6 +12,8 @@
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/socket.h>
+#include <sys/types.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -107,6 +109,64 @@ extern const char *nbdserve_export_name(void); /* export the client chose */
 extern int nbdserve_is_tls(void); /* 1 if the connection runs TLS */
 /* Peer identity: X.509 distinguished name or PSK identity, NULL if none. */
 extern const char *nbdserve_peer_tls_identity(void);
+
+/* ---- Connection details ------------------------------------------------
+ *
+ * What the server learnt about the connection when it was accepted; read
+ * without a system call.  "Inside a connection" means any callback the
+ * server calls on behalf of one client: the handshake's (list_exports,
+ * default_export, list_meta_contexts, open and the capability queries),
+ * every request, and close.  Elsewhere (load, config, get_ready, unload,
+ * threads the plugin made itself) there is no connection, and these
+ * report so.
+ */
+
+/* The connection's number, as in the -v log ("connection N opened"):
+ * 1 for the first client, counting up.  0 outside a connection. */
+extern unsigned nbdserve_connection_id(void);
+
+/* The peer's address as getpeername gave it when the client connected
+ * (AF_INET or AF_INET6 for TCP, AF_UNIX for a Unix socket), copied to
+ * *ADDR with its length in *LEN (either may be NULL).  -1 with errno
+ * ENOTCONN outside a connection or when the connection is not a socket
+ * (-s, stdin/stdout). */
+extern int nbdserve_peer_address(struct sockaddr_storage *addr, socklen_t *len);
+
+/* The peer for messages: "127.0.0.1:PORT", "[::1]:PORT",
+ * "unix:uid=U,gid=G,pid=P", or "unknown" when the connection is not a
+ * socket.  Lives as long as the connection.  NULL outside a connection. */
+extern const char *nbdserve_peer_name(void);
+
+/* The credentials of the process that connected to a Unix socket
+ * (SO_PEERCRED, as they were when it connected); any pointer may be
+ * NULL.  -1 with errno ENOTSUP when the connection is not a Unix socket
+ * (TCP, a pipe), ENOTCONN outside a connection. */
+extern int nbdserve_peer_credentials(uid_t *uid, gid_t *gid, pid_t *pid);
+
+/* The description list_exports gives for EXPORT, asked of the whole
+ * chain as a client would see it (the answer NBD_INFO_DESCRIPTION
+ * carries).  malloc'ed: the caller frees it.  NULL with errno ENOENT
+ * when the export is not listed or has no description, or with the
+ * errno of list_exports when that failed.  It calls list_exports: never
+ * call it from list_exports itself. */
+extern char *nbdserve_export_description(const char *export);
+
+/* A copy of S that the server frees, for callbacks that must return a
+ * string they do not keep (default_export, for one).  Inside a
+ * connection the copy lives until the connection is gone: after its
+ * close callbacks have returned.  Outside a connection it lives until
+ * every unload callback has returned.  NULL with errno ENOMEM. */
+extern const char *nbdserve_strdup_connection(const char *s);
+
+/* Ask the server to end this connection.  FORCE 0: read no more
+ * requests, finish those already received and send their replies, then
+ * close.  FORCE 1: close the socket now; requests still running finish
+ * but their replies are dropped.  During the handshake the option being
+ * processed finishes first (its reply is sent unless FORCE).  Safe from
+ * any callback of the connection, on any thread; it returns at once,
+ * and the connection's loop does the closing.  0, or -1 with errno
+ * ENOTCONN outside a connection. */
+extern int nbdserve_disconnect(int force);
 
 /* Ask the server to shut down gracefully (as on SIGTERM). */
 extern void nbdserve_shutdown(void);

@@ -36,6 +36,9 @@ struct conn *conn_new(int rfd, int wfd)
   conn->rfd = rfd;
   conn->wfd = wfd;
   conn->stream = &plain_stream;
+  conn->identity.conn = conn;
+  conn->identity.conn_id = conn->id;
+  identity_gather_peer(&conn->identity, rfd);
   pthread_mutex_init(&conn->lock, NULL);
   pthread_mutex_init(&conn->send_lock, NULL);
   pthread_mutex_init(&conn->request_lock, NULL);
@@ -105,6 +108,9 @@ void conn_free(struct conn *conn)
   free(conn->opt_data);
   free(conn->hs_out.data);
   free(conn->inbuf);
+  /* Last, after the chain's close: what callbacks were promised lives
+   * as long as the connection. */
+  connection_strings_free(conn);
   if (conn->tls) {
     if (!conn->write_failed)
       tls_close_notify(conn->tls);

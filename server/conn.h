@@ -163,7 +163,17 @@ struct conn {
   bool kicked; /* on the kick list (kick_lock) */
   struct conn *next_kick; /* kick list (kick_lock) */
   struct conn *next_service; /* the kick list being served (loop thread) */
+
+  /* nbdserve_disconnect: what a callback asked for (under lock), and
+   * what the loop thread has done about it (loop thread only). */
+  int disconnect_wanted, disconnect_done; /* DISCONNECT_* */
+  /* nbdserve_strdup_connection's copies (under lock), freed with the
+   * connection. */
+  struct conn_string *strings;
 };
+#define DISCONNECT_NONE 0
+#define DISCONNECT_GRACEFUL 1
+#define DISCONNECT_FORCE 2
 
 /* conn->lock held: may the connection take one more request, as far as
  * the requests and data already in flight go? */

@@ -19,6 +19,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include "conn.h"
@@ -27,6 +28,7 @@
 
 static void after_option(struct conn *conn);
 static void conn_start_tls(struct conn *conn);
+static bool option_job_finished(struct conn *conn);
 
 /* ---- Closing ----------------------------------------------------------- */
 
@@ -109,6 +111,42 @@ void conn_close_when_idle(struct conn *conn)
   pthread_mutex_lock(&conn->lock);
   conn->state = CONN_CLOSING;
   pthread_mutex_unlock(&conn->lock);
+}
+
+static int disconnect_wanted(struct conn *conn)
+{
+  pthread_mutex_lock(&conn->lock);
+  int want = conn->disconnect_wanted;
+  pthread_mutex_unlock(&conn->lock);
+  return want;
+}
+
+/* Carry out what nbdserve_disconnect asked for.  Not while an option's
+ * job still runs: closing lets the connection be freed as soon as no
+ * request is in flight, and the job would run on freed memory; its end
+ * kicks us again. */
+static void conn_handle_disconnect(struct conn *conn)
+{
+  int want = disconnect_wanted(conn);
+  if (want <= conn->disconnect_done)
+    return;
+  if (conn->state == CONN_OPTION_BUSY && !option_job_finished(conn))
+    return;
+  conn->disconnect_done = want;
+  nbdserve_debug("connection %u: disconnect asked by the plugin or a filter%s", conn->id,
+                 want == DISCONNECT_FORCE ? " (forced)" : "");
+  if (want == DISCONNECT_FORCE) {
+    /* Unsent and future replies are dropped, and the client sees the
+     * end now even while requests still run; the descriptors stay open
+     * (and their numbers taken) until the connection is freed. */
+    pthread_mutex_lock(&conn->send_lock);
+    conn->write_failed = true;
+    pthread_mutex_unlock(&conn->send_lock);
+    shutdown(conn->rfd, SHUT_RDWR);
+    if (conn->wfd != conn->rfd)
+      shutdown(conn->wfd, SHUT_RDWR);
+  }
+  conn_close_when_idle(conn);
 }
 
 /* ---- Reading ----------------------------------------------------------- */
@@ -316,11 +354,16 @@ void conn_service(struct conn *conn)
     return; /* its chain is closing; the worker kicks us when done */
   if (conn->state == CONN_OPTION_BUSY && option_job_finished(conn)) {
     /* The option's replies go out before anything else happens. */
-    if (flush_handshake_output(conn))
-      after_option(conn);
+    /* After a disconnect request the handshake goes no further: the
+     * next option might start another job before we close. */
+    if (flush_handshake_output(conn)) {
+      if (disconnect_wanted(conn) == DISCONNECT_NONE)
+        after_option(conn);
+    }
     else if (conn->write_failed)
       conn_close_when_idle(conn);
   }
+  conn_handle_disconnect(conn);
 
   bool pending;
   int rounds = 0;

@@ -279,24 +279,6 @@ static enum option_result opt_list(struct conn *conn)
   return OPTION_CONTINUE;
 }
 
-/* Description of EXPORT from list_exports, or NULL.  Caller frees. */
-static char *export_description(const char *export)
-{
-  char *found = NULL;
-  struct nbdserve_exports *exports = nbdserve_exports_new();
-  if (nbdserve_next_list_exports(chain_global(), opt.readonly, nbdserve_is_tls(), exports) == 0) {
-    for (size_t i = 0; i < nbdserve_exports_count(exports); i++) {
-      const char *desc = nbdserve_exports_description(exports, i);
-      if (desc && strcmp(nbdserve_exports_name(exports, i), export) == 0) {
-        found = strdup(desc);
-        break;
-      }
-    }
-  }
-  nbdserve_exports_free(exports);
-  return found;
-}
-
 static void reply_info(struct conn *conn, uint16_t type, const void *data, size_t len)
 {
   reply_header(conn, conn->opt_type, NBD_REP_INFO, (uint32_t) (2 + len));
@@ -345,7 +327,7 @@ static enum option_result opt_info_go(struct conn *conn)
   if (want_name)
     reply_info(conn, NBD_INFO_NAME, conn->export_name, strlen(conn->export_name));
   if (want_desc) {
-    char *desc = export_description(conn->export_name);
+    char *desc = nbdserve_export_description(conn->export_name);
     if (desc)
       reply_info(conn, NBD_INFO_DESCRIPTION, desc, strlen(desc));
     free(desc);

@@ -11,6 +11,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <sys/socket.h>
 #include <sys/types.h>
 #include <time.h>
 
@@ -144,11 +145,29 @@ extern const char *chain_calling_layer(void);
 /* ---- backend.c: calling through the chain -------------------------------- */
 
 /* Identity of the connection a callback runs for (public.c exposes it). */
+struct conn;
 struct conn_identity {
   const char *export_name;
   int is_tls;
   const char *tls_identity;
+  /* Fixed when the connection is created (conn_new, on its loop thread
+   * in conn_start): the peer does not change, so callbacks read these
+   * without a system call or a lock. */
+  struct conn *conn; /* for nbdserve_disconnect and per-connection strings */
+  unsigned conn_id; /* conn->id, the number of the -v log */
+  struct sockaddr_storage peer_addr;
+  socklen_t peer_addr_len; /* 0: not a socket (-s), or getpeername failed */
+  bool have_cred; /* a Unix socket whose SO_PEERCRED we read */
+  uid_t peer_uid;
+  gid_t peer_gid;
+  pid_t peer_pid;
+  char peer_name[96]; /* nbdserve_peer_name */
 };
+/* public.c: fill in the peer fields of ID from socket FD. */
+extern void identity_gather_peer(struct conn_identity *id, int fd);
+/* public.c: per-connection strings (nbdserve_strdup_connection). */
+extern void connection_strings_free(struct conn *conn);
+extern void global_strings_free(void); /* after the last unload callback */
 /* Set by the core on the calling thread before calling into the chain. */
 extern __thread const struct conn_identity *current_identity;
 /* The errno a callback chose with nbdserve_set_error (0 = none). */

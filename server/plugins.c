@@ -260,6 +260,9 @@ void unload_chain(void)
     l = below;
   }
   top_layer = plugin_layer = NULL;
+  /* Strings kept for callbacks outside any connection live until every
+   * unload callback has returned. */
+  global_strings_free();
 }
 
 int chain_config(const char *key, const char *value)

@@ -13,7 +13,13 @@
 #include <termios.h>
 #include <unistd.h>
 
-#include "internal.h"
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <pthread.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+
+#include "conn.h"
 
 __thread const struct conn_identity *current_identity;
 __thread int backend_error; /* set by nbdserve_set_error, read by backend.c */
@@ -236,6 +242,191 @@ int nbdserve_is_tls(void)
 const char *nbdserve_peer_tls_identity(void)
 {
   return current_identity ? current_identity->tls_identity : NULL;
+}
+
+/* ---- Connection details ---------------------------------------------------- */
+
+/* Once per connection, on its loop thread: who is at the other end.  A
+ * descriptor that is not a socket (-s on a pipe) leaves it all unknown. */
+void identity_gather_peer(struct conn_identity *id, int fd)
+{
+  socklen_t len = sizeof id->peer_addr;
+  snprintf(id->peer_name, sizeof id->peer_name, "unknown");
+  if (fd < 0 || getpeername(fd, (struct sockaddr *) &id->peer_addr, &len) == -1) {
+    id->peer_addr_len = 0;
+    return;
+  }
+  id->peer_addr_len = len;
+  char text[INET6_ADDRSTRLEN];
+  switch (id->peer_addr.ss_family) {
+  case AF_INET: {
+    const struct sockaddr_in *sin = (const struct sockaddr_in *) &id->peer_addr;
+    inet_ntop(AF_INET, &sin->sin_addr, text, sizeof text);
+    snprintf(id->peer_name, sizeof id->peer_name, "%s:%u", text, ntohs(sin->sin_port));
+    break;
+  }
+  case AF_INET6: {
+    const struct sockaddr_in6 *sin6 = (const struct sockaddr_in6 *) &id->peer_addr;
+    inet_ntop(AF_INET6, &sin6->sin6_addr, text, sizeof text);
+    snprintf(id->peer_name, sizeof id->peer_name, "[%s]:%u", text, ntohs(sin6->sin6_port));
+    break;
+  }
+  case AF_UNIX: {
+    struct ucred cred;
+    socklen_t clen = sizeof cred;
+    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &clen) == -1) {
+      snprintf(id->peer_name, sizeof id->peer_name, "unix");
+      break;
+    }
+    id->have_cred = true;
+    id->peer_uid = cred.uid;
+    id->peer_gid = cred.gid;
+    id->peer_pid = cred.pid;
+    snprintf(id->peer_name, sizeof id->peer_name, "unix:uid=%u,gid=%u,pid=%d",
+             (unsigned) cred.uid, (unsigned) cred.gid, (int) cred.pid);
+    break;
+  }
+  default:
+    snprintf(id->peer_name, sizeof id->peer_name, "family %d", id->peer_addr.ss_family);
+    break;
+  }
+}
+
+unsigned nbdserve_connection_id(void)
+{
+  return current_identity ? current_identity->conn_id : 0;
+}
+
+int nbdserve_peer_address(struct sockaddr_storage *addr, socklen_t *len)
+{
+  if (current_identity == NULL || current_identity->peer_addr_len == 0) {
+    errno = ENOTCONN;
+    return -1;
+  }
+  if (addr)
+    memcpy(addr, &current_identity->peer_addr, sizeof *addr);
+  if (len)
+    *len = current_identity->peer_addr_len;
+  return 0;
+}
+
+const char *nbdserve_peer_name(void)
+{
+  return current_identity ? current_identity->peer_name : NULL;
+}
+
+int nbdserve_peer_credentials(uid_t *uid, gid_t *gid, pid_t *pid)
+{
+  if (current_identity == NULL) {
+    errno = ENOTCONN;
+    return -1;
+  }
+  if (!current_identity->have_cred) {
+    errno = ENOTSUP;
+    return -1;
+  }
+  if (uid)
+    *uid = current_identity->peer_uid;
+  if (gid)
+    *gid = current_identity->peer_gid;
+  if (pid)
+    *pid = current_identity->peer_pid;
+  return 0;
+}
+
+/* The one lookup of a description: NBD_INFO_DESCRIPTION in handshake.c
+ * answers with this too, so a plugin sees what clients see. */
+char *nbdserve_export_description(const char *export)
+{
+  char *found = NULL;
+  int err = ENOENT;
+  struct nbdserve_exports *exports = nbdserve_exports_new();
+  if (nbdserve_next_list_exports(chain_global(), opt.readonly, nbdserve_is_tls(), exports) == 0) {
+    for (size_t i = 0; i < nbdserve_exports_count(exports); i++) {
+      const char *desc = nbdserve_exports_description(exports, i);
+      if (desc && strcmp(nbdserve_exports_name(exports, i), export) == 0) {
+        found = strdup(desc);
+        err = found ? 0 : ENOMEM;
+        break;
+      }
+    }
+  }
+  else
+    err = errno ? errno : EIO;
+  nbdserve_exports_free(exports);
+  errno = err;
+  return found;
+}
+
+/* Strings handed out by nbdserve_strdup_connection: a list per
+ * connection (under conn->lock, since parallel requests may add to it),
+ * and one for callbacks outside any connection. */
+struct conn_string {
+  struct conn_string *next;
+  char s[];
+};
+static pthread_mutex_t global_strings_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct conn_string *global_strings;
+
+static void strings_free(struct conn_string *p)
+{
+  while (p) {
+    struct conn_string *next = p->next;
+    free(p);
+    p = next;
+  }
+}
+
+const char *nbdserve_strdup_connection(const char *s)
+{
+  size_t len = strlen(s);
+  struct conn_string *p = malloc(sizeof *p + len + 1);
+  if (p == NULL) {
+    errno = ENOMEM;
+    return NULL;
+  }
+  memcpy(p->s, s, len + 1);
+  struct conn *conn = current_identity ? current_identity->conn : NULL;
+  pthread_mutex_t *lock = conn ? &conn->lock : &global_strings_lock;
+  struct conn_string **list = conn ? &conn->strings : &global_strings;
+  pthread_mutex_lock(lock);
+  p->next = *list;
+  *list = p;
+  pthread_mutex_unlock(lock);
+  return p->s;
+}
+
+void connection_strings_free(struct conn *conn)
+{
+  strings_free(conn->strings);
+  conn->strings = NULL;
+}
+
+void global_strings_free(void)
+{
+  pthread_mutex_lock(&global_strings_lock);
+  struct conn_string *p = global_strings;
+  global_strings = NULL;
+  pthread_mutex_unlock(&global_strings_lock);
+  strings_free(p);
+}
+
+/* Any callback thread: only records the wish and kicks the loop, which
+ * owns the connection's life and acts in conn_service (connection.c). */
+int nbdserve_disconnect(int force)
+{
+  struct conn *conn = current_identity ? current_identity->conn : NULL;
+  if (conn == NULL) {
+    errno = ENOTCONN;
+    return -1;
+  }
+  int want = force ? DISCONNECT_FORCE : DISCONNECT_GRACEFUL;
+  pthread_mutex_lock(&conn->lock);
+  if (want > conn->disconnect_wanted)
+    conn->disconnect_wanted = want;
+  conn_kick(conn);
+  pthread_mutex_unlock(&conn->lock);
+  return 0;
 }
 
 void nbdserve_shutdown(void)
