@@ -217,6 +217,34 @@ extern int nbdserve_reply_add(struct nbdserve_reply *reply, const char *key,
 extern void nbdserve_reply_error(struct nbdserve_reply *reply, const char *fmt, ...)
   NBDSERVE_PRINTF(2, 3);
 
+/* ---- Waiting without a thread (data callbacks) ------------------------
+ *
+ * A data callback (pread, pwrite, zero, trim, flush, cache, extents)
+ * that must wait - a delay, a rate limit, an answer another thread will
+ * bring - does not sleep: it returns what one of these returns, and the
+ * server runs the whole request again, through every layer, when the
+ * wait is over.  Meanwhile the request holds no thread and no lock.
+ *   return nbdserve_retry_after(self, ns);   after ns nanoseconds
+ *   return nbdserve_retry_when(self, &w);    when a thread calls nbdserve_wake(w)
+ * self is the calling filter's `next` (NULL in a plugin): it names the
+ * layer that waits, for nbdserve_has_waited.  Both return -1 with errno
+ * EINPROGRESS; a layer above that sees that from nbdserve_next_* must
+ * return -1 too, with errno unchanged, and undo nothing.  On the next
+ * run nbdserve_has_waited(self) is 1 for the layers that waited, which
+ * then go on (or wait again).  A wait ends early when the client leaves
+ * or the server stops: nbdserve_wait_cut_short() is 1 in the run that
+ * follows, which must then not wait again.  nbdserve_wake must be called
+ * exactly once for every nbdserve_retry_when, from any thread, even
+ * after the wait was cut short (it is then a no-op).
+ */
+struct nbdserve_next;
+struct nbdserve_waiter;
+extern int nbdserve_retry_after(struct nbdserve_next *self, uint64_t ns);
+extern int nbdserve_retry_when(struct nbdserve_next *self, struct nbdserve_waiter **waiter);
+extern void nbdserve_wake(struct nbdserve_waiter *waiter);
+extern int nbdserve_has_waited(struct nbdserve_next *self);
+extern int nbdserve_wait_cut_short(void);
+
 /* ---- Extents builder ---------------------------------------------------
  *
  * The server hands the extents callback a list that covers the range

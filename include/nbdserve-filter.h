@@ -117,6 +117,13 @@ struct nbdserve_filter {
                       uint64_t count, uint64_t offset, uint32_t flags,
                       struct nbdserve_extents *extents);
 
+  /* ---- Life cycle, continued ---- */
+  /* As the plugin's never_blocks: whether, configured as it is, no
+   * callback of this filter can block (it then decides instead of
+   * NBDSERVE_FILTER_NEVER_BLOCKS).  A filter that waits only through
+   * nbdserve_retry_after / nbdserve_retry_when never blocks. */
+  int (*never_blocks)(void);
+
   /* New fields are appended here only. */
 };
 

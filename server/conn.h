@@ -57,6 +57,17 @@ struct request {
   char *buf; /* payload in, read data out */
   size_t buf_size;
 
+  /* Waiting without a thread (wait.c). */
+  uint32_t waited_layers; /* bit per layer that made it wait */
+  bool wait_cut_short; /* the last wait ended early: the connection is closing */
+  bool park_on_timer; /* what it waits for: a timer (or a waker) */
+  uint64_t park_ns;
+  struct nbdserve_waiter *waiter; /* asked for, while its callback runs (waiters_lock) */
+  struct nbdserve_waiter *parked_waiter; /* waiting for this waker (waiters_lock) */
+  struct request *next_woken; /* conn->to_park or conn->woken (conn->lock) */
+  struct request *prev_waiting, *next_waiting; /* conn->waiting_list (loop thread) */
+  ev_timer wait_timer;
+
   /* The reply, as iovecs into hdr[] and buf. */
   struct iovec iov[REPLY_MAX_IOV];
   int niov, iov_done;
@@ -130,6 +141,10 @@ struct conn {
   struct job option_job;
   struct job close_job; /* the chain's close, on a worker */
   bool close_running; /* under lock: close_job has not finished */
+  /* Requests waiting without a thread (wait.c): asked to park and woken
+   * (under lock), parked (loop thread). */
+  struct request *to_park, *woken;
+  struct request *waiting_list;
   struct bytebuf hs_out;
   char *meta_export; /* export the selected contexts were chosen for */
   struct selected_context *contexts;
@@ -254,6 +269,13 @@ extern bool transmission_input(struct conn *conn);
 extern bool transmission_read_payload(struct conn *conn); /* read straight into partial; false: close */
 /* No whole request is left in inbuf (or a payload is cut short). */
 extern bool transmission_input_exhausted(const struct conn *conn);
+
+/* wait.c: requests that wait without a thread */
+extern void wait_begin_request(struct request *req); /* before the chain runs it */
+/* After: true if the request asked to wait and is parked (no reply);
+ * asked says whether the chain's answer was the wait (-1, EINPROGRESS). */
+extern bool wait_end_request(struct request *req, bool asked);
+extern void wait_service(struct conn *conn); /* loop thread, from conn_service */
 
 /* replies.c */
 extern void reply_simple(struct request *req, uint32_t error);

@@ -352,6 +352,7 @@ void conn_service(struct conn *conn)
 {
   if (closing_on_worker(conn))
     return; /* its chain is closing; the worker kicks us when done */
+  wait_service(conn);
   if (conn->state == CONN_OPTION_BUSY && option_job_finished(conn)) {
     /* The option's replies go out before anything else happens. */
     /* After a disconnect request the handshake goes no further: the

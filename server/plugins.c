@@ -359,9 +359,11 @@ bool chain_never_blocks(void)
 {
   /* Filters first: the plugin's callback is asked only when its answer
    * matters (it may log what it decided). */
-  for (struct layer *l = top_layer; l && !l->is_plugin; l = l->below)
-    if (!(l->filter.flags & NBDSERVE_FILTER_NEVER_BLOCKS))
+  for (struct layer *l = top_layer; l && !l->is_plugin; l = l->below) {
+    const struct nbdserve_filter *f = &l->filter;
+    if (f->never_blocks ? f->never_blocks() != 1 : !(f->flags & NBDSERVE_FILTER_NEVER_BLOCKS))
       return false;
+  }
   return plugin_never_blocks(&plugin_layer->plugin);
 }
 

@@ -422,9 +422,12 @@ static void execute_request(struct job *job)
   struct request *req = (struct request *) job;
   struct conn *conn = req->conn;
   pthread_mutex_t *lock = exec_begin(conn, CALL_REQUEST);
+  wait_begin_request(req);
   int r = run_request(req);
   int err = errno;
   exec_end(lock);
+  if (wait_end_request(req, r == -1 && err == EINPROGRESS))
+    return; /* parked: it runs again when its wait ends */
 
   if (r == -1) {
     uint32_t nbd_err = errno_to_nbd(err);

@@ -7,7 +7,7 @@
 # callback keeps using the flag.
 . "$(dirname "$0")/lib/functions.sh"
 requires cc nbdinfo
-plan 17
+plan 18
 
 # serve NAME ARGS...: start a verbose server, make one request, stop it.
 # (Not in a subshell: stop_server's sanitizer check must count here.)
@@ -28,8 +28,10 @@ serve noinline --no-inline memory 1M
 is "--no-inline: on worker threads" "$(ran_on noinline)" \
     "on worker threads (--no-inline)"
 contains "--no-inline: no busy polling" "$tmp/noinline.log" 'busy polling: off$'
-serve delay --filter=delay memory 1M
-is "a filter that may block (delay) puts the chain on workers" "$(ran_on delay)" "on worker threads"
+serve delay --filter=delay memory 1M delay-block=on
+is "a filter that may block (delay-block=on) puts the chain on workers" "$(ran_on delay)" "on worker threads"
+serve delaywait --filter=delay memory 1M delay-read=1ms
+is "a filter that waits without a thread (delay) keeps the chain inline" "$(ran_on delaywait)" "on the loop threads"
 
 # A file in RAM.
 if in_ram "$tmp"; then

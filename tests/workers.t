@@ -1,7 +1,8 @@
 #!/bin/bash
 # The worker pool.  It wakes as few threads as a fast backend needs, but
 # a slow request must never hold up the requests queued behind it, and a
-# slow backend must get every worker.
+# slow backend must get every worker.  The delay filter with delay-block=on
+# stands for a backend that blocks (it sleeps in the worker).
 . "$(dirname "$0")/lib/functions.sh"
 . "$(dirname "$0")/lib/raw.sh"
 requires_filter delay
@@ -12,7 +13,7 @@ plan 4
 # same connection: the reads are answered while the flush still runs.
 # One read behind the flush is what the pool would not wake a worker
 # for by itself; five is checked too.
-start_server slowflush -t 4 --filter=delay memory 64M delay-flush=3
+start_server slowflush -t 4 --filter=delay memory 64M delay-flush=3 delay-block=on
 { echo hello; echo structured; echo go
   for i in $(seq 1 200); do echo "req READ off=0 len=512 cookie=$((1000 + i))"; done
   echo "recv 200"
@@ -30,7 +31,7 @@ stop_server
 
 # A backend where every read takes 1 s: 4 reads on 4 workers take
 # about one second, not four.
-start_server slowreads -t 4 --filter=delay memory 64M delay-read=1
+start_server slowreads -t 4 --filter=delay memory 64M delay-read=1 delay-block=on
 start=$(date +%s%N)
 { echo hello; echo structured; echo go
   for i in 1 2 3 4; do echo "req READ off=$((i * 4096)) len=4096 cookie=$i"; done
@@ -43,7 +44,7 @@ else not_ok "... in parallel (${ms} ms for 4 reads of 1 s)"; fi
 stop_server
 
 # A single worker (-t 1) still serves a slow and a fast request, in turn.
-start_server oneworker -t 1 --filter=delay memory 64M delay-flush=0.5
+start_server oneworker -t 1 --filter=delay memory 64M delay-flush=0.5 delay-block=on
 { echo hello; echo structured; echo go
   echo "req FLUSH cookie=1"; echo "req READ off=0 len=4096 cookie=2"; echo "recv 2"
 } | rawclient -t 10 "$sock" > "$tmp/oneworker.out" 2>&1

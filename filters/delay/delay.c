@@ -3,13 +3,18 @@
  * Useful to see how a client behaves against a slow disk, and to hold
  * requests in flight in tests.  Each kind of request has its own delay,
  * fixed ("200ms") or drawn uniformly from a range ("10ms-50ms").  The
- * delay is a sleep in the worker thread that runs the request, so the
- * filter makes the chain a blocking one: other requests and connections
- * go on in the other workers meanwhile.
+ * delay holds no thread: the request waits on its connection loop's
+ * timer (nbdserve_retry_after) and then runs again, and this time goes
+ * on.  So the filter never blocks, a delay over the memory plugin stays
+ * on the inline path, and 10,000 delayed requests take no worker.  Only
+ * delay-open and delay-close sleep (opening and closing are no requests
+ * that can wait): with either set the chain runs on worker threads,
+ * where closes run anyway, so a slow close never holds up a loop.
  *
  * SPDX-License-Identifier: BSD-3-Clause
  */
 #include <errno.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -32,10 +37,15 @@ struct delay {
 };
 
 static struct delay delays[NR_KINDS];
+/* delay-block=on: sleep in the thread instead of waiting without one,
+ * to stand for a backend that blocks (a slow disk) in tests of the
+ * worker pool. */
+static bool block;
 
 static int delay_load(void)
 {
   memset(delays, 0, sizeof delays);
+  block = false;
   return 0;
 }
 
@@ -87,6 +97,13 @@ static int delay_config(const char *key, const char *value)
     return parse_delay(key, value, &delays[READ]) == 0 ? 1 : -1;
   if (strcmp(key, "wdelay") == 0)
     return parse_delay(key, value, &delays[WRITE]) == 0 ? 1 : -1;
+  if (strcmp(key, "delay-block") == 0) {
+    int b = nbdserve_parse_bool(value);
+    if (b == -1)
+      return -1;
+    block = b;
+    return 1;
+  }
   if (strncmp(key, "delay-", 6) != 0)
     return 0;
   for (int k = 0; k < NR_KINDS; k++)
@@ -106,35 +123,64 @@ static int delay_config_complete(void)
   return 0;
 }
 
-static void wait_for(enum kind k)
+static uint64_t draw(const struct delay *d)
+{
+  return d->min + fastrandom_below(d->max - d->min + 1);
+}
+
+/* Opening and closing sleep (see the top of the file). */
+static void sleep_for(enum kind k)
 {
   const struct delay *d = &delays[k];
   if (!d->set)
     return;
-  uint64_t ns = d->min + fastrandom_below(d->max - d->min + 1);
+  uint64_t ns = draw(d);
   struct timespec ts = { .tv_sec = (time_t)(ns / 1000000000), .tv_nsec = (long)(ns % 1000000000) };
   while (nanosleep(&ts, &ts) == -1 && errno == EINTR)
     ;
 }
 
+/* A request waits once, before it goes down: true if it must wait now,
+ * with what to return in *ret.  Not again once it has waited, nor when
+ * the wait was cut short (the client left, or the server stops). */
+static bool waits(struct nbdserve_next *next, enum kind k, int *ret)
+{
+  const struct delay *d = &delays[k];
+  if (block) {
+    sleep_for(k);
+    return false;
+  }
+  if (!d->set || nbdserve_has_waited(next) || nbdserve_wait_cut_short())
+    return false;
+  *ret = nbdserve_retry_after(next, draw(d));
+  return true;
+}
+
+static int delay_never_blocks(void)
+{
+  return !block && !delays[OPEN].set && !delays[CLOSE].set;
+}
+
 static void *delay_open(struct nbdserve_next *next, int readonly, const char *export_name)
 {
   (void) next, (void) readonly, (void) export_name;
-  wait_for(OPEN);
+  sleep_for(OPEN);
   return &delays; /* any non-NULL handle: the filter keeps no per-connection state */
 }
 
 static void delay_close(void *handle)
 {
   (void) handle;
-  wait_for(CLOSE);
+  sleep_for(CLOSE);
 }
 
 static int delay_pread(struct nbdserve_next *next, void *handle, void *buf, uint32_t count,
                        uint64_t offset, uint32_t flags)
 {
   (void) handle;
-  wait_for(READ);
+  int r;
+  if (waits(next, READ, &r))
+    return r;
   return nbdserve_next_pread(next, buf, count, offset, flags);
 }
 
@@ -142,7 +188,9 @@ static int delay_pwrite(struct nbdserve_next *next, void *handle, const void *bu
                         uint32_t count, uint64_t offset, uint32_t flags)
 {
   (void) handle;
-  wait_for(WRITE);
+  int r;
+  if (waits(next, WRITE, &r))
+    return r;
   return nbdserve_next_pwrite(next, buf, count, offset, flags);
 }
 
@@ -150,7 +198,9 @@ static int delay_zero(struct nbdserve_next *next, void *handle, uint64_t count,
                       uint64_t offset, uint32_t flags)
 {
   (void) handle;
-  wait_for(ZERO);
+  int r;
+  if (waits(next, ZERO, &r))
+    return r;
   return nbdserve_next_zero(next, count, offset, flags);
 }
 
@@ -158,14 +208,18 @@ static int delay_trim(struct nbdserve_next *next, void *handle, uint64_t count,
                       uint64_t offset, uint32_t flags)
 {
   (void) handle;
-  wait_for(TRIM);
+  int r;
+  if (waits(next, TRIM, &r))
+    return r;
   return nbdserve_next_trim(next, count, offset, flags);
 }
 
 static int delay_flush(struct nbdserve_next *next, void *handle, uint32_t flags)
 {
   (void) handle;
-  wait_for(FLUSH);
+  int r;
+  if (waits(next, FLUSH, &r))
+    return r;
   return nbdserve_next_flush(next, flags);
 }
 
@@ -173,7 +227,9 @@ static int delay_extents(struct nbdserve_next *next, void *handle, uint64_t coun
                          uint64_t offset, uint32_t flags, struct nbdserve_extents *extents)
 {
   (void) handle;
-  wait_for(EXTENTS);
+  int r;
+  if (waits(next, EXTENTS, &r))
+    return r;
   return nbdserve_next_extents(next, count, offset, flags, extents);
 }
 
@@ -181,7 +237,9 @@ static int delay_cache(struct nbdserve_next *next, void *handle, uint64_t count,
                        uint64_t offset, uint32_t flags)
 {
   (void) handle;
-  wait_for(CACHE);
+  int r;
+  if (waits(next, CACHE, &r))
+    return r;
   return nbdserve_next_cache(next, count, offset, flags);
 }
 
@@ -194,7 +252,9 @@ static int delay_cache(struct nbdserve_next *next, void *handle, uint64_t count,
   "delay-open=DELAY, delay-close=DELAY\n"                                             \
   "                       delay opening or closing a connection's export\n"           \
   "DELAY is seconds (1.5) or has a unit (200ms, 250us), or is a range MIN-MAX\n"      \
-  "(10ms-50ms) to draw each delay from at random."
+  "(10ms-50ms) to draw each delay from at random.\n"                                \
+  "delay-block=on         sleep in the worker thread instead of waiting without one\n" \
+  "                       (to stand for a backend that blocks, such as a slow disk)"
 
 static struct nbdserve_filter filter = {
   NBDSERVE_FILTER_INIT,
@@ -216,6 +276,7 @@ static struct nbdserve_filter filter = {
   .flush = delay_flush,
   .extents = delay_extents,
   .cache = delay_cache,
+  .never_blocks = delay_never_blocks,
 };
 
 NBDSERVE_REGISTER_FILTER(filter)

@@ -146,7 +146,7 @@ class Test:
 
     def check_sanitizer(self, name):
         text = self.log(name)
-        if "AddressSanitizer" in text or "runtime error:" in text:
+        if "AddressSanitizer" in text or "runtime error:" in text or "ThreadSanitizer" in text:
             self.failed += 1
             self.diag("sanitizer report from server %s:" % name)
             self.diag(text[:4000])

@@ -1,0 +1,266 @@
+/* nbdserve - requests that wait without a thread.
+ *
+ * A data callback that must wait (a delay, a rate limit, an answer that
+ * another thread will bring) returns nbdserve_retry_after(self, ns) or
+ * nbdserve_retry_when(self, &waiter): -1 with errno EINPROGRESS, which
+ * every layer above passes up unchanged.  The core then parks the
+ * request: no reply, no thread, no lock; it keeps only its slot (and its
+ * payload).  When the wait ends - the connection loop's timer fires, or
+ * some thread calls nbdserve_wake - the request runs again through the
+ * whole chain, and the layer that waited sees nbdserve_has_waited(self)
+ * and goes on.  10,000 waiting requests cost their slots and nothing
+ * else.
+ *
+ * A wait is cut short when its connection stops reading (the client
+ * left, or the server is shutting down): the request runs again at once,
+ * with nbdserve_wait_cut_short() true, and is answered as usual (or its
+ * reply dropped if the client is gone), so shutdown is prompt and no
+ * acknowledged write is lost.
+ *
+ * Who touches what: parking and retries happen on the connection's loop
+ * thread; the callback that asked ran on a worker or that loop; a waker
+ * may be any thread, and may come long after the request was answered
+ * and its connection closed (a wait cut short).  So a waiter's state,
+ * and whether it still points at its request, change under one lock of
+ * their own, waiters_lock (then conn->lock, in that order): a waker
+ * touches the request only while the waiter is parked, and a parked
+ * request keeps its connection alive.
+ *
+ * SPDX-License-Identifier: BSD-3-Clause
+ */
+#include <errno.h>
+#include <stdlib.h>
+
+#include "conn.h"
+#include "loop.h"
+
+/* What the callback now running asked for (its thread's only). */
+static __thread struct {
+  struct request *req; /* the request this thread runs, or NULL */
+  enum { ASK_NONE, ASK_TIMER, ASK_WAKER } ask;
+  uint64_t ns;
+} running;
+
+enum waiter_state { WAITER_ARMED, WAITER_PARKED, WAITER_WOKEN, WAITER_DONE };
+
+static pthread_mutex_t waiters_lock = PTHREAD_MUTEX_INITIALIZER;
+
+struct nbdserve_waiter {
+  struct request *req;
+  enum waiter_state state; /* under waiters_lock */
+  int refs; /* the core's and the waker's; under waiters_lock */
+};
+
+static unsigned layer_bit(struct nbdserve_next *self)
+{
+  /* A filter passes its next (the layer below it): its own index is one
+   * less.  The plugin passes NULL. */
+  unsigned index = self ? self->layer->index - 1 : 31;
+  return 1u << (index & 31);
+}
+
+int nbdserve_retry_after(struct nbdserve_next *self, uint64_t ns)
+{
+  struct request *req = running.req;
+  if (req == NULL) {
+    nbdserve_error("nbdserve_retry_after: only a data callback of a request may wait");
+    errno = EINVAL;
+    return -1;
+  }
+  req->waited_layers |= layer_bit(self);
+  running.ask = ASK_TIMER;
+  running.ns = ns;
+  errno = EINPROGRESS;
+  return -1;
+}
+
+int nbdserve_retry_when(struct nbdserve_next *self, struct nbdserve_waiter **waiter)
+{
+  struct request *req = running.req;
+  struct nbdserve_waiter *w = req ? malloc(sizeof *w) : NULL;
+  if (w == NULL) {
+    if (req == NULL)
+      nbdserve_error("nbdserve_retry_when: only a data callback of a request may wait");
+    errno = req ? ENOMEM : EINVAL;
+    return -1;
+  }
+  *w = (struct nbdserve_waiter) {.req = req, .state = WAITER_ARMED, .refs = 2};
+  req->waiter = w;
+  req->waited_layers |= layer_bit(self);
+  running.ask = ASK_WAKER;
+  *waiter = w;
+  errno = EINPROGRESS;
+  return -1;
+}
+
+int nbdserve_has_waited(struct nbdserve_next *self)
+{
+  struct request *req = running.req;
+  return req && (req->waited_layers & layer_bit(self)) != 0;
+}
+
+int nbdserve_wait_cut_short(void)
+{
+  struct request *req = running.req;
+  return req && req->wait_cut_short;
+}
+
+/* waiters_lock held. */
+static void waiter_release(struct nbdserve_waiter *w)
+{
+  if (--w->refs == 0)
+    free(w);
+}
+
+/* Any thread, once per waiter. */
+void nbdserve_wake(struct nbdserve_waiter *w)
+{
+  pthread_mutex_lock(&waiters_lock);
+  enum waiter_state was = w->state;
+  int releases = 1; /* the waker's reference */
+  if (was == WAITER_PARKED) {
+    /* Parked: the core no longer needs the waiter; retry from the loop. */
+    struct request *req = w->req;
+    struct conn *conn = req->conn;
+    pthread_mutex_lock(&conn->lock);
+    req->parked_waiter = NULL;
+    req->next_woken = conn->woken;
+    conn->woken = req;
+    conn_kick(conn);
+    pthread_mutex_unlock(&conn->lock);
+    releases = 2;
+  }
+  if (was == WAITER_ARMED || was == WAITER_PARKED)
+    w->state = WAITER_WOKEN; /* ARMED: the callback has not even returned yet */
+  w->refs -= releases;
+  if (w->refs == 0)
+    free(w);
+  pthread_mutex_unlock(&waiters_lock);
+}
+
+/* ---- The core's side ----------------------------------------------------------- */
+
+void wait_begin_request(struct request *req)
+{
+  running.req = req;
+  running.ask = ASK_NONE;
+}
+
+/* Finishing a callback that asked to wait.  Returns true if the request
+ * is parked (the caller must not reply).  Any thread. */
+bool wait_end_request(struct request *req, bool asked)
+{
+  struct conn *conn = req->conn;
+  int ask = running.ask;
+  running.req = NULL;
+  running.ask = ASK_NONE;
+  if (ask == ASK_NONE)
+    return false;
+
+  pthread_mutex_lock(&waiters_lock);
+  struct nbdserve_waiter *w = req->waiter;
+  req->waiter = NULL;
+  if (!asked) {
+    /* A layer above swallowed the wait and answered: nothing to park.
+     * A waker may still come; it will find the waiter done. */
+    if (w) {
+      w->state = WAITER_DONE;
+      waiter_release(w);
+    }
+    pthread_mutex_unlock(&waiters_lock);
+    return false;
+  }
+  req->park_ns = ask == ASK_TIMER ? running.ns : 0;
+  req->park_on_timer = ask == ASK_TIMER;
+  if (w) {
+    if (w->state == WAITER_WOKEN) { /* woken before it was parked */
+      w->state = WAITER_DONE;
+      waiter_release(w);
+      req->park_on_timer = true; /* a retry at once, from the loop */
+    } else {
+      w->state = WAITER_PARKED;
+      req->parked_waiter = w;
+    }
+  }
+  /* Every parked request passes through its loop, which alone keeps the
+   * list of waiting requests. */
+  pthread_mutex_lock(&conn->lock);
+  req->next_woken = conn->to_park;
+  conn->to_park = req;
+  conn_kick(conn);
+  pthread_mutex_unlock(&conn->lock);
+  pthread_mutex_unlock(&waiters_lock);
+  return true;
+}
+
+static void unlist(struct request *req)
+{
+  struct conn *conn = req->conn;
+  if (req->prev_waiting)
+    req->prev_waiting->next_waiting = req->next_waiting;
+  else
+    conn->waiting_list = req->next_waiting;
+  if (req->next_waiting)
+    req->next_waiting->prev_waiting = req->prev_waiting;
+  req->prev_waiting = req->next_waiting = NULL;
+}
+
+/* Loop thread: run a parked request again. */
+static void retry(struct request *req)
+{
+  unlist(req);
+  dispatch_job(&req->job);
+}
+
+static void wait_timer_cb(struct ev_loop *l, ev_timer *w, int revents)
+{
+  (void) l, (void) revents;
+  retry(w->data);
+}
+
+/* Loop thread, from conn_service: park what asked to wait (arming the
+ * timers), retry the woken requests; on a closing connection, cut every
+ * wait short. */
+void wait_service(struct conn *conn)
+{
+  pthread_mutex_lock(&conn->lock);
+  struct request *park = conn->to_park, *woken = conn->woken;
+  conn->to_park = conn->woken = NULL;
+  pthread_mutex_unlock(&conn->lock);
+  if (park == NULL && woken == NULL && conn->waiting_list == NULL)
+    return;
+
+  for (struct request *r = park, *next; r; r = next) {
+    next = r->next_woken;
+    r->next_waiting = conn->waiting_list;
+    r->prev_waiting = NULL;
+    if (conn->waiting_list)
+      conn->waiting_list->prev_waiting = r;
+    conn->waiting_list = r;
+    if (r->park_on_timer) {
+      ev_timer_init(&r->wait_timer, wait_timer_cb, r->park_ns / 1e9, 0.);
+      r->wait_timer.data = r;
+      ev_timer_start(conn->loop->ev, &r->wait_timer);
+    }
+  }
+  for (struct request *r = woken, *next; r; r = next) {
+    next = r->next_woken;
+    retry(r);
+  }
+  if (conn->state != CONN_CLOSING)
+    return;
+  /* The client left or the server stops: nobody waits any longer. */
+  while (conn->waiting_list) {
+    struct request *r = conn->waiting_list;
+    ev_timer_stop(conn->loop->ev, &r->wait_timer);
+    pthread_mutex_lock(&waiters_lock);
+    if (r->parked_waiter) { /* a later wake finds it done */
+      r->parked_waiter->state = WAITER_DONE;
+      waiter_release(r->parked_waiter);
+      r->parked_waiter = NULL;
+    }
+    pthread_mutex_unlock(&waiters_lock);
+    r->wait_cut_short = true;
+    retry(r);
+  }
+}
