@@ -93,23 +93,31 @@ int main(int argc, char **argv)
   char *line = NULL;
   size_t cap = 0;
   ssize_t n;
-  while ((n = getline(&line, &cap, in)) > 0) {
+  int rc = -1; /* no final line yet */
+  while (rc == -1 && (n = getline(&line, &cap, in)) > 0) {
     if (line[n - 1] != '\n')
       break; /* cut short: the server went away */
     line[n - 1] = '\0';
     if (strcmp(line, "ok") == 0)
-      return fflush(stdout) == 0 ? 0 : 2;
-    if (strncmp(line, "error: ", 7) == 0) {
+      rc = 0;
+    else if (strncmp(line, "error: ", 7) == 0) {
       fflush(stdout);
       fprintf(stderr, "nbdserve-ctl: %s\n", line + 7);
-      return 1;
+      rc = 1;
     }
-    puts(line);
+    else
+      puts(line);
   }
-  fflush(stdout);
-  if (send_errno)
-    fprintf(stderr, "nbdserve-ctl: cannot send the request: %s\n", strerror(send_errno));
-  else
-    fprintf(stderr, "nbdserve-ctl: the server closed the connection before answering\n");
-  return 2;
+  if (fflush(stdout) != 0 && rc == 0)
+    rc = 2;
+  if (rc == -1) {
+    if (send_errno)
+      fprintf(stderr, "nbdserve-ctl: cannot send the request: %s\n", strerror(send_errno));
+    else
+      fprintf(stderr, "nbdserve-ctl: the server closed the connection before answering\n");
+    rc = 2;
+  }
+  free(line);
+  fclose(in);
+  return rc;
 }
