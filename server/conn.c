@@ -182,7 +182,7 @@ struct request *request_get(struct conn *conn)
   req->error = 0;
   req->waited_layers = 0;
   req->wait_cut_short = false;
-  req->waiter = req->parked_waiter = NULL;
+  req->parked_waiter = NULL;
   req->weight = 0;
   req->payload_len = 0;
   req->niov = req->iov_done = 0;

@@ -62,7 +62,6 @@ struct request {
   bool wait_cut_short; /* the last wait ended early: the connection is closing */
   bool park_on_timer; /* what it waits for: a timer (or a waker) */
   uint64_t park_ns;
-  struct nbdserve_waiter *waiter; /* asked for, while its callback runs (waiters_lock) */
   struct nbdserve_waiter *parked_waiter; /* waiting for this waker (waiters_lock) */
   struct request *next_woken; /* conn->to_park or conn->woken (conn->lock) */
   struct request *prev_waiting, *next_waiting; /* conn->waiting_list (loop thread) */

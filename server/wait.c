@@ -39,6 +39,7 @@ static __thread struct {
   struct request *req; /* the request this thread runs, or NULL */
   enum { ASK_NONE, ASK_TIMER, ASK_WAKER } ask;
   uint64_t ns;
+  struct nbdserve_waiter *waiter; /* ASK_WAKER: the one handed out */
 } running;
 
 enum waiter_state { WAITER_ARMED, WAITER_PARKED, WAITER_WOKEN, WAITER_DONE };
@@ -85,7 +86,7 @@ int nbdserve_retry_when(struct nbdserve_next *self, struct nbdserve_waiter **wai
     return -1;
   }
   *w = (struct nbdserve_waiter) {.req = req, .state = WAITER_ARMED, .refs = 2};
-  req->waiter = w;
+  running.waiter = w;
   req->waited_layers |= layer_bit(self);
   running.ask = ASK_WAKER;
   *waiter = w;
@@ -150,19 +151,19 @@ void wait_begin_request(struct request *req)
  * is parked (the caller must not reply).  Any thread. */
 bool wait_end_request(struct request *req, bool asked)
 {
-  struct conn *conn = req->conn;
   int ask = running.ask;
+  struct nbdserve_waiter *w = running.waiter;
   running.req = NULL;
   running.ask = ASK_NONE;
+  running.waiter = NULL;
   if (ask == ASK_NONE)
     return false;
 
   pthread_mutex_lock(&waiters_lock);
-  struct nbdserve_waiter *w = req->waiter;
-  req->waiter = NULL;
   if (!asked) {
-    /* A layer above swallowed the wait and answered: nothing to park.
-     * A waker may still come; it will find the waiter done. */
+    /* A layer above swallowed the wait and answered: nothing to park,
+     * and the request, answered, may already serve another client: it
+     * is not touched.  A waker may still come; it finds the waiter done. */
     if (w) {
       w->state = WAITER_DONE;
       waiter_release(w);
@@ -170,6 +171,7 @@ bool wait_end_request(struct request *req, bool asked)
     pthread_mutex_unlock(&waiters_lock);
     return false;
   }
+  struct conn *conn = req->conn;
   req->park_ns = ask == ASK_TIMER ? running.ns : 0;
   req->park_on_timer = ask == ASK_TIMER;
   if (w) {
