@@ -105,12 +105,12 @@ t.is_((werr, rerr), ("no error", "EIO"), "error filter below: the client sees EI
 t.is_([(r[3], r[7]) for r in reqs], [("Write", "OK"), ("Read", "EIO")],
       "error filter below: the failed read is logged with result=EIO")
 
-# ---- 3. fio at full speed for 5 s: nothing lost without saying so ----
+# ---- 3. fio at full speed for 2 s: nothing lost without saying so ----
 logfile = os.path.join(t.tmp, "fio-requests.log")
 uri = t.server("fio", "--filter=log", "memory", "64M", "logfile=" + logfile)
 if shutil.which("fio"):
     out = subprocess.run(["fio", "--name=log", "--ioengine=nbd", "--uri=" + uri, "--rw=randrw",
-                          "--bs=4k", "--iodepth=32", "--time_based", "--runtime=5",
+                          "--bs=4k", "--iodepth=32", "--time_based", "--runtime=2",
                           "--size=64M", "--output-format=json"],
                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True).stdout
     job = json.loads(out[out.index("{"):])["jobs"][0]
