@@ -1,0 +1,229 @@
+#!/usr/bin/python3
+# The throttle filter: a copy at rate=20M runs at 20 MiB/s, fio at
+# iops=500 makes 500 requests a second, two connections under
+# connection-rate=10M get 10 MiB/s each while an unthrottled server runs
+# at full speed, throttle.set and the rate file change the rate within a
+# second, and 500 connections with requests waiting take no thread and
+# leave another connection's latency alone.
+import json, os, subprocess, sys, time
+sys.dont_write_bytecode = True
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "lib"))
+import nbdtest
+from nbdtest import nbd
+
+MiB = 1 << 20
+t = nbdtest.Test(plan=18, filters=("throttle",))
+CTL = os.path.join(nbdtest.TOP, "nbdserve-ctl")
+
+# Data, not holes: the server answers holes without a read, and so
+# without charging them (see throttle.md, Limits).
+disk = os.path.join(t.tmp, "disk.img")
+with open(disk, "wb") as f:
+    f.write(os.urandom(100 * MiB))
+
+
+def copy(uri):
+    """Seconds nbdcopy takes to read the whole disk on one connection."""
+    t0 = time.monotonic()
+    p = subprocess.run(["nbdcopy", "--connections=1", uri, "null:"], capture_output=True)
+    took = time.monotonic() - t0
+    if p.returncode != 0:
+        t.diag(p.stderr.decode())
+    return took
+
+
+def within(got, want, tol=0.10):
+    return abs(got - want) <= want * tol
+
+
+def ctl(sock, *args):
+    p = subprocess.run([CTL, sock] + list(args), capture_output=True, text=True)
+    return p.returncode, p.stdout + p.stderr
+
+
+def stream(h, seconds, events=(), size=64 * 1024, qd=4):
+    """Read on H at queue depth QD for SECONDS; EVENTS are (time, fn)
+    to call on the way.  Returns [(completion time, bytes)], times from
+    the start."""
+    done, cookies, off = [], set(), 0
+    start = time.monotonic()
+    events = sorted(events, key=lambda e: e[0])
+    while True:
+        now = time.monotonic() - start
+        while events and now >= events[0][0]:
+            events.pop(0)[1]()
+        if now >= seconds:
+            break
+        while len(cookies) < qd:
+            cookies.add(h.aio_pread(nbd.Buffer(size), off))
+            off = (off + size) % (50 * MiB)
+        h.poll(20)
+        while True:
+            c = h.aio_peek_command_completed()
+            if c == 0:
+                break
+            h.aio_command_completed(c)
+            cookies.discard(c)
+            done.append((time.monotonic() - start, size))
+    while h.aio_in_flight() > 0:
+        h.poll(100)
+    return done
+
+
+def rate_between(done, a, b):
+    return sum(n for (at, n) in done if a <= at < b) / (b - a)
+
+
+# ---- rate=20M: 100 MiB in 5 s ---------------------------------------
+uri = t.server("rate", "--filter=throttle", "file", disk, "rate=20M")
+took = copy(uri)
+mibs = 100 / took
+t.ok(within(mibs, 20), "rate=20M: nbdcopy reads 100 MiB at %.2f MiB/s (20 +- 10%%)" % mibs)
+t.is_(t.stop(), 0, "... and the server stops cleanly")
+
+# ---- iops=500: fio QD32 -------------------------------------------------
+uri = t.server("iops", "--filter=throttle", "file", disk, "iops=500")
+out = subprocess.run(["fio", "--name=throttle", "--ioengine=nbd", "--uri=" + uri,
+                      "--rw=randread", "--bs=4k", "--iodepth=32", "--time_based",
+                      "--runtime=5", "--size=%d" % (100 * MiB), "--output-format=json"],
+                     capture_output=True, text=True, timeout=30).stdout
+try:
+    iops = json.loads(out[out.index("{"):])["jobs"][0]["read"]["iops"]
+except ValueError:
+    t.diag(out)
+    iops = 0
+t.ok(within(iops, 500), "iops=500: fio 4K random reads at QD32 make %.0f requests/s (500 +- 10%%)" % iops)
+t.stop()
+
+# ---- connection-rate=10M: two connections, and another server ---------------
+uri = t.server("conn", "--filter=throttle", "file", disk, "connection-rate=10M")
+os.truncate(disk, 50 * MiB)  # 5 s a connection
+free_uri = t.server("free", "file", disk)
+alone = copy(free_uri)
+procs = []
+t0 = time.monotonic()
+for _ in range(2):
+    procs.append(subprocess.Popen(["nbdcopy", "--connections=1", uri, "null:"]))
+time.sleep(1)
+during = copy(free_uri)
+ends = []
+for p in procs:
+    p.wait()
+    ends.append(time.monotonic() - t0)
+for i, e in enumerate(ends):
+    t.ok(within(50 / e, 10), "connection-rate=10M: connection %d reads 50 MiB at %.2f MiB/s "
+         "(10 +- 10%%)" % (i + 1, 50 / e))
+t.ok(during < max(3 * alone, 0.2) and 50 / during > 100,
+     "... while an unthrottled server reads it at %.0f MiB/s (alone: %.0f MiB/s)"
+     % (50 / during, 50 / alone))
+t.stop()
+t.stop(t.servers[-1])
+
+# ---- throttle.set, and the rate file ---------------------------------------------
+ctlsock = os.path.join(t.tmp, "set.ctl")
+uri = t.server("set", "--control=" + ctlsock, "--filter=throttle", "file", disk, "rate=5M")
+h = t.connect(uri)
+answers = []
+done = stream(h, 3.0, [(1.0, lambda: answers.append(ctl(ctlsock, "throttle.set", "rate=20M")))])
+t.ok(answers and answers[0][0] == 0 and "rate=20971520" in answers[0][1],
+     "throttle.set rate=20M is answered with the new rate")
+before, after = rate_between(done, 0.2, 1.0) / MiB, rate_between(done, 2.0, 3.0) / MiB
+t.ok(within(before, 5, 0.15) and within(after, 20, 0.15),
+     "throttle.set: %.2f MiB/s before (5), %.2f MiB/s from 1 s after (20)" % (before, after))
+rc, out = ctl(ctlsock, "throttle.set", "rate=fast")
+t.ok(rc == 1 and "rate=fast" in out, "throttle.set refuses a bad rate: %s" % out.strip())
+rc, out = ctl(ctlsock, "throttle.show")
+t.ok(rc == 0 and "rate=20971520" in out and "connections=1" in out,
+     "throttle.show: the rate in force, one connection")
+h.shutdown()
+del h
+t.stop()
+
+rate_file = os.path.join(t.tmp, "rate")
+with open(rate_file, "w") as f:
+    f.write("# the rate\nrate=5M\n")
+uri = t.server("file", "--filter=throttle", "file", disk, "rate-file=" + rate_file)
+h = t.connect(uri)
+
+
+def rewrite():
+    with open(rate_file + ".new", "w") as f:
+        f.write("20M\n")
+    os.rename(rate_file + ".new", rate_file)
+
+
+done = stream(h, 3.5, [(1.0, rewrite)])
+before, after = rate_between(done, 0.2, 1.0) / MiB, rate_between(done, 2.1, 3.5) / MiB
+t.ok(within(before, 5, 0.15) and within(after, 20, 0.15),
+     "rate-file: %.2f MiB/s before (5), %.2f MiB/s from 1.1 s after the file says 20M"
+     % (before, after))
+h.shutdown()
+del h
+t.stop()
+
+# ---- 500 connections waiting ------------------------------------------------------
+# connection-rate=200K: each of 500 connections asks for 4 MiB, which
+# waits some 20 s.  A probe connection reads 4 KiB every 30 ms (133 KiB/s,
+# under its limit, so it never waits) before and while they wait.
+uri = t.server("many", "--filter=throttle", "file", disk, "connection-rate=200K")
+pid = t.last_server.pid
+
+
+def threads():
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("Threads:"):
+                return int(line.split()[1])
+
+
+def probe(n=150):
+    lat = []
+    for i in range(n):
+        t0 = time.monotonic()
+        probe_h.pread(4096, (i * 4096) % (50 * MiB))
+        lat.append(time.monotonic() - t0)
+        time.sleep(0.03)
+    lat.sort()
+    return lat[int(len(lat) * 0.99) - 1]
+
+
+probe_h = t.connect(uri)
+idle_p99 = probe()
+threads_idle = threads()
+hs = [t.connect(uri) for _ in range(500)]
+for i, h in enumerate(hs):
+    h.aio_pread(nbd.Buffer(4 * MiB), (i % 12) * 4 * MiB)
+time.sleep(0.5)
+for h in hs:
+    h.poll(0)
+busy_p99 = probe()
+threads_busy = threads()
+waiting = sum(h.aio_in_flight() for h in hs)
+t.is_(waiting, 500, "500 connections each have a throttled 4 MiB read waiting")
+t.ok(threads_busy <= threads_idle, "... and the server has %d threads (%d idle)"
+     % (threads_busy, threads_idle))
+t.ok(busy_p99 <= 2 * idle_p99 + 0.0002,
+     "... another connection's 4K reads: p99 %.3f ms (idle server: %.3f ms)"
+     % (busy_p99 * 1e3, idle_p99 * 1e3))
+# Leaving with the reads waiting cuts their waits short.
+t0 = time.monotonic()
+for h in hs:
+    h.shutdown()
+del hs, h
+probe_h.shutdown()
+del probe_h
+t.is_(t.stop(), 0, "the server stops cleanly after 500 clients left mid-wait")
+t.ok(time.monotonic() - t0 < 5, "... promptly (%.2f s)" % (time.monotonic() - t0))
+t.ok("error" not in t.log("many"), "no errors logged")
+
+# ---- --help agrees with throttle.md ------------------------------------------------
+out = subprocess.run([nbdtest.NBDSERVE, "--help", "--filter=throttle", "memory"],
+                     capture_output=True, text=True).stdout
+with open(os.path.join(nbdtest.TOP, "filters", "throttle", "throttle.md")) as f:
+    md = f.read()
+keys = ["rate", "read-rate", "write-rate", "connection-rate", "iops", "connection-iops",
+        "burst", "rate-file"]
+missing = [k for k in keys if ("\n%s=" % k) not in out and (", %s=" % k) not in out
+           or ("`%s=" % k) not in md]
+t.is_(missing, [], "every parameter is in --help and in throttle.md")
+t.finish()
