@@ -202,9 +202,14 @@ waiting = sum(h.aio_in_flight() for h in hs)
 t.is_(waiting, 500, "500 connections each have a throttled 4 MiB read waiting")
 t.ok(threads_busy <= threads_idle, "... and the server has %d threads (%d idle)"
      % (threads_busy, threads_idle))
-t.ok(busy_p99 <= 2 * idle_p99 + 0.0002,
-     "... another connection's 4K reads: p99 %.3f ms (idle server: %.3f ms)"
-     % (busy_p99 * 1e3, idle_p99 * 1e3))
+if nbdtest.SANITIZED:
+    # Sanitizer builds run many times slower and unevenly: a latency
+    # figure means nothing there (the waits still hold no thread: above).
+    t.skip("p99 latency: not measured in a sanitizer build")
+else:
+    t.ok(busy_p99 <= 2 * idle_p99 + 0.0002,
+         "... another connection's 4K reads: p99 %.3f ms (idle server: %.3f ms)"
+         % (busy_p99 * 1e3, idle_p99 * 1e3))
 # Leaving with the reads waiting cuts their waits short.
 t0 = time.monotonic()
 for h in hs:
@@ -213,7 +218,10 @@ del hs, h
 probe_h.shutdown()
 del probe_h
 t.is_(t.stop(), 0, "the server stops cleanly after 500 clients left mid-wait")
-t.ok(time.monotonic() - t0 < 5, "... promptly (%.2f s)" % (time.monotonic() - t0))
+# The cut-short reads still copy 2 GiB, which a sanitizer build does
+# many times slower.
+limit = 60 if nbdtest.SANITIZED else 5
+t.ok(time.monotonic() - t0 < limit, "... promptly (%.2f s)" % (time.monotonic() - t0))
 t.ok("error" not in t.log("many"), "no errors logged")
 
 # ---- --help agrees with throttle.md ------------------------------------------------
