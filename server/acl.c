@@ -147,44 +147,45 @@ static bool rule_matches(const struct rule *r, bool is_net, const unsigned char 
 /* Judge the client on FD; writes who it is into WHO for messages. */
 bool acl_permits(int fd, char *who, size_t wholen)
 {
-  struct sockaddr_storage ss;
-  socklen_t len = sizeof ss;
+  struct peer peer;
   unsigned char addr[16] = { 0 };
   struct ucred cred = { .pid = 0, .uid = (uid_t) -1, .gid = (gid_t) -1 };
   bool is_net;
 
-  if (getpeername(fd, (struct sockaddr *) &ss, &len) == -1) {
+  int r = peer_identify(fd, &peer);
+  const struct sockaddr_storage *ss = &peer.addr;
+  if (peer.addr_len == 0) {
     snprintf(who, wholen, "a client whose address is unknown (%s)", strerror(errno));
     return false;
   }
-  if (ss.ss_family == AF_INET) {
-    struct sockaddr_in *sin = (struct sockaddr_in *) &ss;
+  if (ss->ss_family == AF_INET) {
+    const struct sockaddr_in *sin = (const struct sockaddr_in *) ss;
     map_ipv4(addr, &sin->sin_addr);
     is_net = true;
     char text[INET_ADDRSTRLEN];
     inet_ntop(AF_INET, &sin->sin_addr, text, sizeof text);
     snprintf(who, wholen, "%s", text);
   }
-  else if (ss.ss_family == AF_INET6) {
-    struct sockaddr_in6 *sin6 = (struct sockaddr_in6 *) &ss;
+  else if (ss->ss_family == AF_INET6) {
+    const struct sockaddr_in6 *sin6 = (const struct sockaddr_in6 *) ss;
     memcpy(addr, &sin6->sin6_addr, 16);
     is_net = true;
     char text[INET6_ADDRSTRLEN];
     inet_ntop(AF_INET6, &sin6->sin6_addr, text, sizeof text);
     snprintf(who, wholen, "%s", text);
   }
-  else if (ss.ss_family == AF_UNIX) {
-    socklen_t clen = sizeof cred;
-    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &clen) == -1) {
+  else if (ss->ss_family == AF_UNIX) {
+    if (r == -1) {
       snprintf(who, wholen, "a Unix-socket client without credentials (%s)", strerror(errno));
       return false;
     }
+    cred = peer.cred;
     is_net = false;
     snprintf(who, wholen, "uid %u gid %u (pid %d)", (unsigned) cred.uid, (unsigned) cred.gid,
              (int) cred.pid);
   }
   else {
-    snprintf(who, wholen, "a client of address family %d", ss.ss_family);
+    snprintf(who, wholen, "a client of address family %d", ss->ss_family);
     return !have_allow[RULE_NET] && !have_allow[RULE_UID] && !have_allow[RULE_GID];
   }
 

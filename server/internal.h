@@ -74,6 +74,17 @@ extern void log_to_syslog(void);
 /* Fatal error during start-up: message and exit(EXIT_FAILURE). */
 extern void die(const char *fmt, ...) NBDSERVE_PRINTF(1, 2) __attribute__((noreturn));
 
+/* ---- peer.c: who is at the other end of a socket ------------------------- */
+struct peer {
+  struct sockaddr_storage addr;
+  socklen_t addr_len; /* 0: not a socket (-s), or getpeername failed */
+  bool have_cred; /* a Unix socket whose SO_PEERCRED was read */
+  struct ucred cred;
+};
+/* 0, or -1 with errno: getpeername failed (addr_len 0), or a Unix
+ * socket's credentials could not be read (have_cred false). */
+extern int peer_identify(int fd, struct peer *p);
+
 /* ---- acl.c: --allow and --deny -------------------------------------------- */
 extern void acl_add(bool allow, const char *rule); /* dies on a bad rule */
 extern bool acl_active(void);
@@ -155,12 +166,7 @@ struct conn_identity {
    * without a system call or a lock. */
   struct conn *conn; /* for nbdserve_disconnect and per-connection strings */
   unsigned conn_id; /* conn->id, the number of the -v log */
-  struct sockaddr_storage peer_addr;
-  socklen_t peer_addr_len; /* 0: not a socket (-s), or getpeername failed */
-  bool have_cred; /* a Unix socket whose SO_PEERCRED we read */
-  uid_t peer_uid;
-  gid_t peer_gid;
-  pid_t peer_pid;
+  struct peer peer;
   char peer_name[96]; /* nbdserve_peer_name */
 };
 /* public.c: fill in the peer fields of ID from socket FD. */

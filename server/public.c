@@ -250,44 +250,34 @@ const char *nbdserve_peer_tls_identity(void)
  * descriptor that is not a socket (-s on a pipe) leaves it all unknown. */
 void identity_gather_peer(struct conn_identity *id, int fd)
 {
-  socklen_t len = sizeof id->peer_addr;
+  struct peer *p = &id->peer;
   snprintf(id->peer_name, sizeof id->peer_name, "unknown");
-  if (fd < 0 || getpeername(fd, (struct sockaddr *) &id->peer_addr, &len) == -1) {
-    id->peer_addr_len = 0;
+  peer_identify(fd, p);
+  if (p->addr_len == 0)
     return;
-  }
-  id->peer_addr_len = len;
   char text[INET6_ADDRSTRLEN];
-  switch (id->peer_addr.ss_family) {
+  switch (p->addr.ss_family) {
   case AF_INET: {
-    const struct sockaddr_in *sin = (const struct sockaddr_in *) &id->peer_addr;
+    const struct sockaddr_in *sin = (const struct sockaddr_in *) &p->addr;
     inet_ntop(AF_INET, &sin->sin_addr, text, sizeof text);
     snprintf(id->peer_name, sizeof id->peer_name, "%s:%u", text, ntohs(sin->sin_port));
     break;
   }
   case AF_INET6: {
-    const struct sockaddr_in6 *sin6 = (const struct sockaddr_in6 *) &id->peer_addr;
+    const struct sockaddr_in6 *sin6 = (const struct sockaddr_in6 *) &p->addr;
     inet_ntop(AF_INET6, &sin6->sin6_addr, text, sizeof text);
     snprintf(id->peer_name, sizeof id->peer_name, "[%s]:%u", text, ntohs(sin6->sin6_port));
     break;
   }
-  case AF_UNIX: {
-    struct ucred cred;
-    socklen_t clen = sizeof cred;
-    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &clen) == -1) {
+  case AF_UNIX:
+    if (!p->have_cred)
       snprintf(id->peer_name, sizeof id->peer_name, "unix");
-      break;
-    }
-    id->have_cred = true;
-    id->peer_uid = cred.uid;
-    id->peer_gid = cred.gid;
-    id->peer_pid = cred.pid;
-    snprintf(id->peer_name, sizeof id->peer_name, "unix:uid=%u,gid=%u,pid=%d",
-             (unsigned) cred.uid, (unsigned) cred.gid, (int) cred.pid);
+    else
+      snprintf(id->peer_name, sizeof id->peer_name, "unix:uid=%u,gid=%u,pid=%d",
+               (unsigned) p->cred.uid, (unsigned) p->cred.gid, (int) p->cred.pid);
     break;
-  }
   default:
-    snprintf(id->peer_name, sizeof id->peer_name, "family %d", id->peer_addr.ss_family);
+    snprintf(id->peer_name, sizeof id->peer_name, "family %d", p->addr.ss_family);
     break;
   }
 }
@@ -299,14 +289,14 @@ unsigned nbdserve_connection_id(void)
 
 int nbdserve_peer_address(struct sockaddr_storage *addr, socklen_t *len)
 {
-  if (current_identity == NULL || current_identity->peer_addr_len == 0) {
+  if (current_identity == NULL || current_identity->peer.addr_len == 0) {
     errno = ENOTCONN;
     return -1;
   }
   if (addr)
-    memcpy(addr, &current_identity->peer_addr, sizeof *addr);
+    memcpy(addr, &current_identity->peer.addr, sizeof *addr);
   if (len)
-    *len = current_identity->peer_addr_len;
+    *len = current_identity->peer.addr_len;
   return 0;
 }
 
@@ -321,16 +311,16 @@ int nbdserve_peer_credentials(uid_t *uid, gid_t *gid, pid_t *pid)
     errno = ENOTCONN;
     return -1;
   }
-  if (!current_identity->have_cred) {
+  if (!current_identity->peer.have_cred) {
     errno = ENOTSUP;
     return -1;
   }
   if (uid)
-    *uid = current_identity->peer_uid;
+    *uid = current_identity->peer.cred.uid;
   if (gid)
-    *gid = current_identity->peer_gid;
+    *gid = current_identity->peer.cred.gid;
   if (pid)
-    *pid = current_identity->peer_pid;
+    *pid = current_identity->peer.cred.pid;
   return 0;
 }
 
