@@ -317,13 +317,20 @@ static void pending_answer(struct pending *p)
   pending_free(p);
 }
 
-static void done_cb(struct ev_loop *l, ev_async *w, int revents)
+/* Every answer the workers have finished, newest first. */
+static struct pending *take_done(void)
 {
-  (void) l, (void) w, (void) revents;
   pthread_mutex_lock(&done_lock);
   struct pending *list = done_head;
   done_head = NULL;
   pthread_mutex_unlock(&done_lock);
+  return list;
+}
+
+static void done_cb(struct ev_loop *l, ev_async *w, int revents)
+{
+  (void) l, (void) w, (void) revents;
+  struct pending *list = take_done();
   /* Pushed newest first; each client has one at a time, so the order
    * between them does not matter. */
   while (list) {
@@ -536,10 +543,7 @@ void control_finish(void)
   ev_io_stop(main_ev, &listen_watcher);
   close(listen_fd);
   listen_fd = -1;
-  pthread_mutex_lock(&done_lock);
-  struct pending *list = done_head;
-  done_head = NULL;
-  pthread_mutex_unlock(&done_lock);
+  struct pending *list = take_done();
   while (list) {
     struct pending *next = list->next_done;
     list->client->busy = false;
