@@ -16,6 +16,7 @@
  * SPDX-License-Identifier: BSD-3-Clause
  */
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <unistd.h>
 #include <zlib.h>
@@ -36,11 +37,33 @@ struct run {
 
 /* ---- L2 entries ----------------------------------------------------------- */
 
+/* A defect met while mapping is described here, and logged only if it
+ * fails the call: a run that stops short before the bad entry succeeds,
+ * and the call that then starts at the entry logs it once. */
+static __thread char corruption[384];
+
 static int corrupt(const struct layer *l, uint64_t guest, const char *what, uint64_t value)
 {
-  q_error("qcow2: %s: guest offset %" PRIu64 ": %s (0x%" PRIx64 "); the read fails with EIO",
-          l->path, guest, what, value);
+  snprintf(corruption, sizeof corruption,
+           "qcow2: %s: guest offset %" PRIu64 ": %s (0x%" PRIx64 "); the read fails with EIO",
+           l->path, guest, what, value);
   return -EIO;
+}
+
+/* The call fails with R: log the defect that caused it, if any. */
+static int failed(int r)
+{
+  if (corruption[0])
+    q_error("%s", corruption);
+  corruption[0] = '\0';
+  return r;
+}
+
+/* The run stops before the defect; the next call meets it. */
+static int stop_short(void)
+{
+  corruption[0] = '\0';
+  return 0;
 }
 
 /* Fetches up to max L2 entries starting with guest cluster `cluster`,
@@ -168,7 +191,7 @@ static int map_run(struct qcow2_chain *chain, const struct layer *l, uint64_t of
     }
     int n = fetch_entries(chain, l, cluster, entries, ENTRY_BATCH);
     if (n < 0)
-      return started ? 0 : n; /* the run so far stands; the next call meets the error */
+      return started ? stop_short() : n; /* the run so far stands */
     examined += (unsigned) n;
     for (int i = 0; i < n && pos < end; i++) {
       uint64_t cluster_end = (cluster + (uint64_t) i + 1) << l->cluster_bits;
@@ -178,7 +201,7 @@ static int map_run(struct qcow2_chain *chain, const struct layer *l, uint64_t of
         uint64_t host = 0;
         int r = classify(l, pos, entries[i], unit, &kind, &host);
         if (r < 0)
-          return started ? 0 : r;
+          return started ? stop_short() : r;
         uint64_t unit_start = pos & ~((1ull << unit_bits) - 1);
         uint64_t unit_end = unit_start + (1ull << unit_bits);
         if (kind == RUN_COMPRESSED)
@@ -373,7 +396,7 @@ static int layer_read(struct qcow2_chain *chain, const struct layer *l, uint8_t 
     struct run run;
     int r = map_run(chain, l, offset, count, false, &run);
     if (r < 0)
-      return r;
+      return failed(r);
     switch (run.kind) {
     case RUN_DATA:
       r = read_at(l->data_fd, buf, run.length, run.host);
@@ -396,7 +419,7 @@ static int layer_read(struct qcow2_chain *chain, const struct layer *l, uint8_t 
     }
     }
     if (r < 0)
-      return r;
+      return failed(r);
     buf += run.length;
     offset += run.length;
     count -= run.length;
@@ -475,12 +498,16 @@ int qcow2_block_status(struct qcow2_chain *chain, uint64_t offset, uint64_t max_
   if (max_length > size - offset)
     max_length = size - offset;
   int r = layer_status(chain, chain->top, offset, max_length, status);
-  for (int i = 0; r == 0 && i < STATUS_MERGES && status->length < max_length; i++) {
+  if (r < 0)
+    return failed(r);
+  for (int i = 0; i < STATUS_MERGES && status->length < max_length; i++) {
     struct qcow2_status next;
     r = layer_status(chain, chain->top, offset + status->length, max_length - status->length, &next);
-    if (r < 0 || next.kind != status->kind || next.depth != status->depth)
-      return r < 0 && status->length ? 0 : r;
+    if (r < 0)
+      return stop_short(); /* what was found stands; the next call meets the defect */
+    if (next.kind != status->kind || next.depth != status->depth)
+      break;
     status->length += next.length;
   }
-  return r;
+  return 0;
 }
