@@ -611,14 +611,16 @@ int main(int argc, char **argv)
   clean_up_on_early_signals();
   hold_early_signals(true);
 
+  /* Bound with the others, before privileges go, like -U; and first, so
+   * that whoever waits for the -U socket to appear finds the control
+   * socket there too. */
+  int control_fd = opt.control ? open_control_socket() : -1;
   int *listen_fds = NULL;
   size_t nfds = 0;
   if (!opt.single) {
     open_listeners(&listen_fds, &nfds);
     announce_private_socket();
   }
-  /* Bound with the others, before privileges go, like -U. */
-  int control_fd = opt.control ? open_control_socket() : -1;
 
   daemonize();
   server_pid = getpid();
