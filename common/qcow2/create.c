@@ -3,7 +3,8 @@
  * The image is qcow2 version 3 with 16-bit refcounts: the header cluster
  * (with the backing file's name and format), the refcount table, the
  * refcount blocks that count the metadata itself, and the L1 table,
- * in that order.  The refcount table is made large enough for twice the
+ * in that order.  The virtual size is rounded up to whole 512-byte
+ * sectors, as qemu requires (and as it sizes a raw base).  The refcount table is made large enough for twice the
  * virtual size, so that the overlay never needs to grow it.  The file is
  * written under a temporary name and renamed into place, so that a
  * crash during creation leaves no half-made overlay.
@@ -171,6 +172,7 @@ int overlay_create(const struct qcow2_overlay_options *o)
     return -1;
   if (o->base)
     size = base.size;
+  size = (size + 511) & ~511ull; /* qcow2 sizes are whole sectors; qemu sees a raw base so too */
   uint64_t cs = o->cluster_size ? o->cluster_size
                                 : o->granularity ? o->granularity : QCOW2_OVERLAY_DEFAULT_GRANULARITY;
   int ret = -1;
