@@ -236,6 +236,10 @@ static uint8_t *build_directory(struct qcow2_overlay *ov, bool running, uint64_t
   for (size_t i = 0; i < ov->top->nbitmaps; i++)
     if (!is_served(ov, ov->top->bitmaps[i].name)) {
       memcpy(p, ov->top->bitmaps[i].entry, ov->top->bitmaps[i].entry_len);
+      /* In use only because our last run crashed while serving it: its
+       * bits are a superset, as for the bitmaps served now. */
+      if (ov->recovered)
+        put_be32(p + 12, get_be32(p + 12) & ~BITMAP_IN_USE);
       p += ov->top->bitmaps[i].entry_len;
     }
   for (size_t i = 0; i < ov->nbitmaps; i++) {

@@ -108,6 +108,9 @@ int release_cluster(struct qcow2_overlay *ov, uint64_t host);
 /* At a clean close: reserved clusters nobody used go back to 0. */
 int refcounts_return_reserved(struct qcow2_overlay *ov);
 uint16_t refcount_of(struct qcow2_overlay *ov, uint64_t cluster_index);
+/* After an unclean stop: clusters counted but referenced by nothing
+ * (the crash's leaks) are freed.  Done before anything is allocated. */
+int refcounts_reclaim_leaks(struct qcow2_overlay *ov);
 
 /* ---- the data path (write.c) ---- */
 int l2_init(struct qcow2_overlay *ov);

@@ -8,7 +8,7 @@
  * Refcounts run ahead of use: clusters are reserved in batches, their
  * refcount of 1 written and synced before any metadata may point at
  * them.  A crash therefore leaks at most the unused reservations (a leak
- * is harmless, `qemu-img check -r leaks` reclaims it) and never leaves a
+ * is harmless, and the next start reclaims it) and never leaves a
  * referenced cluster with a refcount of 0, whatever order the host wrote
  * its pages in.  Freed clusters return to a free list and are reused
  * before the file grows.
@@ -342,5 +342,95 @@ int refcounts_return_reserved(struct qcow2_overlay *ov)
   int r = 0;
   while (ov->rc.nreserved > 0 && r == 0)
     r = release_cluster(ov, ov->rc.reserved[--ov->rc.nreserved] << ov->cluster_bits);
+  return r;
+}
+
+/* ---- Reclaiming leaks after a crash ----------------------------------------- */
+
+struct marks {
+  uint8_t *used; /* a bit per cluster below rc->end */
+  uint64_t n;
+  bool unsure; /* something is referenced in a way not followed here */
+};
+
+static void mark_range(struct marks *m, uint64_t offset, uint64_t bytes, uint64_t cluster_size)
+{
+  for (uint64_t at = offset & ~(cluster_size - 1); at < offset + bytes; at += cluster_size) {
+    uint64_t c = at / cluster_size;
+    if (c < m->n)
+      m->used[c / 8] |= (uint8_t) (1u << (c % 8));
+    else
+      m->unsure = true;
+  }
+}
+
+/* Marks every cluster the image's metadata references. */
+static int mark_used(struct qcow2_overlay *ov, struct marks *m)
+{
+  struct layer *l = ov->top;
+  uint64_t cs = ov->cluster_size;
+  mark_range(m, 0, cs, cs);
+  mark_range(m, l->refcount_table_offset, (uint64_t) l->refcount_table_clusters * cs, cs);
+  for (uint64_t bi = 0; bi < ov->rc.table_entries; bi++)
+    if (ov->rc.table[bi])
+      mark_range(m, ov->rc.table[bi] & QCOW2_OFFSET_MASK, cs, cs);
+  mark_range(m, l->l1_offset, (uint64_t) l->l1_size * 8, cs);
+  uint64_t *t = malloc(cs);
+  if (t == NULL)
+    return -ENOMEM;
+  for (uint32_t i = 0; i < l->l1_size && !m->unsure; i++) {
+    uint64_t table = l->l1[i] & QCOW2_OFFSET_MASK;
+    if (table == 0)
+      continue;
+    mark_range(m, table, cs, cs);
+    int r = read_at(ov->fd, t, cs, table);
+    if (r < 0) {
+      free(t);
+      return r;
+    }
+    for (uint64_t k = 0; k < ov->l2_entries; k++) {
+      uint64_t e = be64toh(t[k]);
+      if (e & QCOW2_L2_COMPRESSED)
+        m->unsure = true; /* compressed data shares clusters: leave the counts alone */
+      else if (e & QCOW2_OFFSET_MASK)
+        mark_range(m, e & QCOW2_OFFSET_MASK, cs, cs);
+    }
+  }
+  free(t);
+  mark_range(m, l->bitmap_dir_offset, l->bitmap_dir_size, cs);
+  for (size_t i = 0; i < l->nbitmaps; i++) {
+    const struct bitmap *b = &l->bitmaps[i];
+    if (b->table == NULL && b->table_size != 0) {
+      m->unsure = true; /* a bitmap whose table was not loaded */
+      continue;
+    }
+    mark_range(m, b->table_offset, (uint64_t) b->table_size * 8, cs);
+    for (uint32_t k = 0; k < b->table_size; k++)
+      if (b->table[k] & QCOW2_OFFSET_MASK)
+        mark_range(m, b->table[k] & QCOW2_OFFSET_MASK, cs, cs);
+  }
+  return 0;
+}
+
+int refcounts_reclaim_leaks(struct qcow2_overlay *ov)
+{
+  struct marks m = {.n = ov->rc.end};
+  m.used = calloc(m.n / 8 + 1, 1);
+  if (m.used == NULL)
+    return -ENOMEM;
+  int r = mark_used(ov, &m);
+  uint64_t leaked = 0;
+  for (uint64_t c = 1; r == 0 && !m.unsure && c < m.n; c++)
+    if (!(m.used[c / 8] & (1u << (c % 8))) && refcount_of(ov, c) == 1) {
+      r = release_cluster(ov, c << ov->cluster_bits);
+      leaked++;
+    }
+  free(m.used);
+  if (m.unsure)
+    q_debug("qcow2: %s: leaked clusters are left for qemu-img check -r leaks (the image holds "
+            "compressed clusters or bitmaps this server does not follow)", ov->top->path);
+  else if (r == 0 && leaked)
+    q_debug("qcow2: %s: %" PRIu64 " clusters leaked by the unclean stop are free again",
+            ov->top->path, leaked);
   return r;
 }
