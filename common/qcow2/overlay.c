@@ -334,3 +334,9 @@ bool qcow2_overlay_recovered(const struct qcow2_overlay *ov)
 {
   return ov->recovered;
 }
+
+void qcow2_overlay_for_each_file(const struct qcow2_overlay *ov,
+                                 void (*fn)(int fd, const char *path, void *opaque), void *opaque)
+{
+  qcow2_for_each_file(ov->chain, fn, opaque);
+}

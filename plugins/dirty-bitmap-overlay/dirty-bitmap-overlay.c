@@ -13,11 +13,13 @@
 #include <errno.h>
 #include <libgen.h>
 #include <limits.h>
+#include <linux/magic.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
 
 #include "nbdserve-plugin.h"
 #include "qcow2/overlay.h"
@@ -213,6 +215,29 @@ static void ovl_unload(void)
   free_names(clears, nclears);
   free(overlay_path);
   free(base_path);
+}
+
+static void check_in_ram(int fd, const char *path, void *opaque)
+{
+  bool *all = opaque;
+  struct statfs fs;
+  if (fstatfs(fd, &fs) == -1 || (fs.f_type != TMPFS_MAGIC && fs.f_type != RAMFS_MAGIC)) {
+    if (*all)
+      nbdserve_debug(NAME ": %s is not in RAM: requests run on worker threads", path);
+    *all = false;
+  }
+}
+
+/* The overlay and every file of its base in RAM: a request is memory
+ * copies and short locks (a flush's fdatasync returns at once there), so
+ * it may run on the connection's own thread. */
+static int ovl_never_blocks(void)
+{
+  bool all = true;
+  qcow2_overlay_for_each_file(overlay, check_in_ram, &all);
+  if (all)
+    nbdserve_debug(NAME ": the overlay and its base are in RAM: requests need no worker threads");
+  return all;
 }
 
 /* --dump-plugin overlay=PATH: what the file holds, read without opening
@@ -427,6 +452,7 @@ static struct nbdserve_plugin plugin = {
   .config = ovl_config,
   .config_complete = ovl_config_complete,
   .unload = ovl_unload,
+  .never_blocks = ovl_never_blocks,
   .dump_plugin = ovl_dump_plugin,
   .list_meta_contexts = ovl_list_meta_contexts,
   .open = ovl_open,
