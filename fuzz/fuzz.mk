@@ -8,11 +8,12 @@
 
 FUZZ_CC      ?= clang
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS := handshake transmission parsers qcow2
+FUZZ_TARGETS := handshake transmission parsers qcow2 qcow2-overlay
 # Longest input the fuzzer makes; qcow2 images (a header cluster, tables,
 # data) need more room than protocol streams.
 FUZZ_MAX_LEN       := 65536
 FUZZ_MAX_LEN_qcow2 := 1048576
+FUZZ_MAX_LEN_qcow2-overlay := 1048576
 FUZZ_SAN     := -fsanitize=address,undefined -fno-sanitize-recover=undefined
 FUZZ_CFLAGS  := -std=gnu11 -g -O1 -fno-omit-frame-pointer $(FUZZ_SAN) -fsanitize=fuzzer-no-link \
                 -Wall -Wextra -Werror -Wno-unused-command-line-argument -D_GNU_SOURCE -pthread \
@@ -51,6 +52,10 @@ fuzz/build/qcow2-lib/%.o: common/qcow2/%.c $(wildcard common/qcow2/*.h)
 fuzz/build/qcow2: fuzz/qcow2.c $(QCOW2_FUZZ_OBJS)
 	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer $^ -o $@ -lz -lzstd
 
+# The overlay target: the same library, opened for writing.
+fuzz/build/qcow2-overlay: fuzz/qcow2-overlay.c $(QCOW2_FUZZ_OBJS)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer $^ -o $@ -lz -lzstd
+
 # The plugin the harness loads finds the nbdserve_* functions through the
 # server's dynamic list, as in ./nbdserve; clang adds the sanitizer
 # runtime's own list of symbols beside it.
@@ -61,7 +66,7 @@ fuzz: fuzz-build
 	@mkdir -p fuzz/crashes
 	@for t in $(FUZZ_TARGETS); do \
 	  mkdir -p fuzz/corpus/$$t; \
-	  max=$(FUZZ_MAX_LEN); case $$t in qcow2) max=$(FUZZ_MAX_LEN_qcow2);; esac; \
+	  max=$(FUZZ_MAX_LEN); case $$t in qcow2*) max=$(FUZZ_MAX_LEN_qcow2);; esac; \
 	  echo "== $$t ($(FUZZ_SECONDS) s)"; \
 	  ./fuzz/build/$$t -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 -timeout=20 -close_fd_mask=2 \
 	    -artifact_prefix=fuzz/crashes/$$t- -max_len=$$max \

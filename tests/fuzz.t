@@ -4,7 +4,7 @@
 # through them cleanly.  No fuzzing happens here: that is `make fuzz`.
 . "$(dirname "$0")/lib/functions.sh"
 requires clang
-targets=(handshake transmission parsers qcow2)
+targets=(handshake transmission parsers qcow2 qcow2-overlay)
 plan $((1 + ${#targets[@]}))
 
 if make -s -C "$top" fuzz-build > "$tmp/build.log" 2>&1; then

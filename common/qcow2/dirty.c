@@ -33,16 +33,25 @@ static uint64_t bits_per_cluster(const struct qcow2_overlay *ov)
   return ov->cluster_size * 8;
 }
 
+/* Bits of one bitmap held in memory at most: 2^31 granules, 128 TiB of
+ * disk at 64K granularity. */
+#define MAX_BITMAP_BYTES (256ull << 20)
+
 static int shape(struct qcow2_overlay *ov, struct dirty_bitmap *b, unsigned granularity_bits)
 {
   b->granularity_bits = granularity_bits;
   uint64_t g = 1ull << granularity_bits;
   b->granules = ov->size / g + (ov->size % g != 0);
   uint64_t entries = b->granules / bits_per_cluster(ov) + (b->granules % bits_per_cluster(ov) != 0);
+  if (entries * ov->cluster_size > MAX_BITMAP_BYTES) {
+    q_error("qcow2: %s: bitmap '%s' would need %llu MiB of memory (at most %llu): give it a "
+            "coarser granularity", ov->top->path, b->name,
+            (unsigned long long) (entries * ov->cluster_size >> 20), MAX_BITMAP_BYTES >> 20);
+    return -EINVAL;
+  }
   b->table_size = (uint32_t) entries;
   b->bits = calloc(entries ? entries : 1, ov->cluster_size);
   b->table = calloc(entries ? entries : 1, sizeof *b->table);
-  pthread_mutex_init(&b->lock, NULL);
   return b->bits && b->table ? 0 : -ENOMEM;
 }
 
@@ -148,6 +157,7 @@ static int check_existing(struct qcow2_overlay *ov, const struct bitmap *found, 
 static int add_bitmap(struct qcow2_overlay *ov, const struct qcow2_overlay_options *o, const char *name)
 {
   struct dirty_bitmap *b = &ov->bitmaps[ov->nbitmaps++];
+  pthread_mutex_init(&b->lock, NULL);
   b->name = strdup(name);
   if (b->name == NULL)
     return -ENOMEM;

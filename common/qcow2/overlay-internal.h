@@ -108,9 +108,10 @@ int release_cluster(struct qcow2_overlay *ov, uint64_t host);
 /* At a clean close: reserved clusters nobody used go back to 0. */
 int refcounts_return_reserved(struct qcow2_overlay *ov);
 uint16_t refcount_of(struct qcow2_overlay *ov, uint64_t cluster_index);
-/* After an unclean stop: clusters counted but referenced by nothing
- * (the crash's leaks) are freed.  Done before anything is allocated. */
-int refcounts_reclaim_leaks(struct qcow2_overlay *ov);
+/* At open, before anything is allocated: refuses (-1, logged) an image
+ * whose refcounts miss a cluster in use; with `reclaim` (after an
+ * unclean stop), clusters counted but used by nothing are freed. */
+int refcounts_verify(struct qcow2_overlay *ov, bool reclaim);
 
 /* ---- the data path (write.c) ---- */
 int l2_init(struct qcow2_overlay *ov);

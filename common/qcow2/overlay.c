@@ -293,7 +293,7 @@ struct qcow2_overlay *qcow2_overlay_open(const struct qcow2_overlay_options *o)
   ov->recovered = has_extension(ov, OVERLAY_EXT_OPEN);
   if (ov->recovered)
     q_debug("qcow2: %s was not closed cleanly: its bitmaps are recovered as they are on disk", o->path);
-  if (refcounts_load(ov) < 0 || (ov->recovered && refcounts_reclaim_leaks(ov) < 0) ||
+  if (refcounts_load(ov) < 0 || refcounts_verify(ov, ov->recovered) < 0 ||
       l2_init(ov) < 0 || bitmaps_prepare(ov, o) < 0 ||
       bitmaps_write_directory(ov, true) < 0 || qcow2_overlay_flush(ov) < 0)
     goto fail;

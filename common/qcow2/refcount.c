@@ -92,8 +92,14 @@ int refcounts_load(struct qcow2_overlay *ov)
   }
   if (read_table(l, rc->table, bytes, l->refcount_table_offset, "refcount table") < 0)
     return -1;
+  uint64_t blocks = 0;
   for (uint64_t i = 0; i < rc->table_entries; i++)
-    if ((rc->table[i] = be64toh(rc->table[i])) != 0 && load_block(ov, i) < 0)
+    if ((rc->table[i] = be64toh(rc->table[i])) != 0 && ++blocks > l->file_size / ov->cluster_size) {
+      q_error("qcow2: %s: the refcount table names more blocks than the file holds clusters", l->path);
+      return -1;
+    }
+  for (uint64_t i = 0; i < rc->table_entries; i++)
+    if (rc->table[i] != 0 && load_block(ov, i) < 0)
       return -1;
 
   /* Everything up to the end of the file, or to the last counted
@@ -103,11 +109,16 @@ int refcounts_load(struct qcow2_overlay *ov)
     for (uint64_t k = 0; rc->blocks[bi] && k < rc->per_block; k++)
       if (get_be16(rc->blocks[bi] + k * 2) && bi * rc->per_block + k >= rc->end)
         rc->end = bi * rc->per_block + k + 1;
-  uint64_t limit = rc->table_entries * rc->per_block;
-  for (uint64_t c = rc->end; c-- > 1;) /* popped lowest first */
-    if (c < limit && refcount_of(ov, c) == 0 && push(&rc->free, &rc->nfree, &rc->free_cap, c) < 0) {
-      q_error("qcow2: out of memory");
-      return -1;
+  /* Free clusters below the end are reused; only those of existing
+   * blocks are looked at, so the work is bounded by the file's size. */
+  for (uint64_t bi = rc->table_entries; bi-- > 0;) /* popped lowest first */
+    for (uint64_t k = rc->per_block; rc->blocks[bi] && k-- > 0;) {
+      uint64_t c = bi * rc->per_block + k;
+      if (c > 0 && c < rc->end && get_be16(rc->blocks[bi] + k * 2) == 0 &&
+          push(&rc->free, &rc->nfree, &rc->free_cap, c) < 0) {
+        q_error("qcow2: out of memory");
+        return -1;
+      }
     }
   return 0;
 }
@@ -345,22 +356,29 @@ int refcounts_return_reserved(struct qcow2_overlay *ov)
   return r;
 }
 
-/* ---- Reclaiming leaks after a crash ----------------------------------------- */
+/* ---- Checking the counts at open, reclaiming leaks after a crash -------- */
 
+/* A writer trusts refcounts to find free clusters: a cluster in use with
+ * a count of 0, or used twice, would be overwritten.  So at open every
+ * reference is followed once (the L2 tables and bitmap tables are read)
+ * and such an image is refused, as qemu-img check would report it. */
 struct marks {
   uint8_t *used; /* a bit per cluster below rc->end */
   uint64_t n;
-  bool unsure; /* something is referenced in a way not followed here */
+  uint64_t bad; /* first cluster in use twice, or beyond the counted end; 0: none */
+  bool unsure; /* compressed clusters (they share host clusters) or unread bitmaps */
 };
 
 static void mark_range(struct marks *m, uint64_t offset, uint64_t bytes, uint64_t cluster_size)
 {
   for (uint64_t at = offset & ~(cluster_size - 1); at < offset + bytes; at += cluster_size) {
     uint64_t c = at / cluster_size;
-    if (c < m->n)
-      m->used[c / 8] |= (uint8_t) (1u << (c % 8));
-    else
-      m->unsure = true;
+    if (c >= m->n || (m->used[c / 8] & (1u << (c % 8)))) {
+      if (m->bad == 0)
+        m->bad = at ? at : 1;
+      return;
+    }
+    m->used[c / 8] |= (uint8_t) (1u << (c % 8));
   }
 }
 
@@ -378,7 +396,7 @@ static int mark_used(struct qcow2_overlay *ov, struct marks *m)
   uint64_t *t = malloc(cs);
   if (t == NULL)
     return -ENOMEM;
-  for (uint32_t i = 0; i < l->l1_size && !m->unsure; i++) {
+  for (uint32_t i = 0; i < l->l1_size && m->bad == 0; i++) {
     uint64_t table = l->l1[i] & QCOW2_OFFSET_MASK;
     if (table == 0)
       continue;
@@ -391,7 +409,7 @@ static int mark_used(struct qcow2_overlay *ov, struct marks *m)
     for (uint64_t k = 0; k < ov->l2_entries; k++) {
       uint64_t e = be64toh(t[k]);
       if (e & QCOW2_L2_COMPRESSED)
-        m->unsure = true; /* compressed data shares clusters: leave the counts alone */
+        m->unsure = true; /* compressed data shares host clusters: not followed */
       else if (e & QCOW2_OFFSET_MASK)
         mark_range(m, e & QCOW2_OFFSET_MASK, cs, cs);
     }
@@ -412,25 +430,40 @@ static int mark_used(struct qcow2_overlay *ov, struct marks *m)
   return 0;
 }
 
-int refcounts_reclaim_leaks(struct qcow2_overlay *ov)
+int refcounts_verify(struct qcow2_overlay *ov, bool reclaim)
 {
-  struct marks m = {.n = ov->rc.end};
+  /* Only the file's own clusters: a reference past its end is refused. */
+  uint64_t file_clusters = (ov->top->file_size + ov->cluster_size - 1) >> ov->cluster_bits;
+  struct marks m = {.n = ov->rc.end < file_clusters ? ov->rc.end : file_clusters};
   m.used = calloc(m.n / 8 + 1, 1);
-  if (m.used == NULL)
-    return -ENOMEM;
+  if (m.used == NULL) {
+    q_error("qcow2: out of memory");
+    return -1;
+  }
   int r = mark_used(ov, &m);
+  for (uint64_t c = 0; r == 0 && m.bad == 0 && c < m.n; c++)
+    if ((m.used[c / 8] & (1u << (c % 8))) && refcount_of(ov, c) == 0)
+      m.bad = c ? c << ov->cluster_bits : 1;
+  if (r == 0 && m.bad) {
+    q_error("qcow2: %s: the refcounts do not match the clusters in use (at offset %" PRIu64 "); "
+            "writing could overwrite data: repair the image first (qemu-img check -r all)",
+            ov->top->path, m.bad == 1 ? 0 : m.bad);
+    r = -1;
+  }
   uint64_t leaked = 0;
-  for (uint64_t c = 1; r == 0 && !m.unsure && c < m.n; c++)
+  for (uint64_t c = 1; r == 0 && reclaim && !m.unsure && c < m.n; c++)
     if (!(m.used[c / 8] & (1u << (c % 8))) && refcount_of(ov, c) == 1) {
       r = release_cluster(ov, c << ov->cluster_bits);
       leaked++;
     }
   free(m.used);
-  if (m.unsure)
+  if (r == 0 && reclaim && m.unsure)
     q_debug("qcow2: %s: leaked clusters are left for qemu-img check -r leaks (the image holds "
             "compressed clusters or bitmaps this server does not follow)", ov->top->path);
   else if (r == 0 && leaked)
     q_debug("qcow2: %s: %" PRIu64 " clusters leaked by the unclean stop are free again",
             ov->top->path, leaked);
-  return r;
+  if (r < 0 && r != -1)
+    q_error("qcow2: %s: checking the refcounts: %s", ov->top->path, strerror(-r));
+  return r < 0 ? -1 : 0;
 }
