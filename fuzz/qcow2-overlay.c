@@ -191,7 +191,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     untouched = cluster;
   if (where[1] < untouched)
     untouched = where[1];
-  if (where[2] && where[2] < untouched)
+  if (where[2] < untouched)
     untouched = where[2];
   if (written && untouched && qcow2_overlay_size(ov) == disk &&
       qcow2_overlay_read(ov, back, untouched, 0) == 0 && memcmp(back, pattern, untouched) != 0)
