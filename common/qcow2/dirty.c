@@ -154,7 +154,8 @@ static int check_existing(struct qcow2_overlay *ov, const struct bitmap *found, 
   return 0;
 }
 
-static int add_bitmap(struct qcow2_overlay *ov, const struct qcow2_overlay_options *o, const char *name)
+static int add_bitmap(struct qcow2_overlay *ov, const struct qcow2_overlay_options *o, const char *name,
+                      uint64_t own_granularity)
 {
   struct dirty_bitmap *b = &ov->bitmaps[ov->nbitmaps++];
   pthread_mutex_init(&b->lock, NULL);
@@ -171,7 +172,8 @@ static int add_bitmap(struct qcow2_overlay *ov, const struct qcow2_overlay_optio
               "changed)", ov->top->path, name);
     return load_bitmap(ov, b, found, clear);
   }
-  uint64_t g = o->granularity ? o->granularity : QCOW2_OVERLAY_DEFAULT_GRANULARITY;
+  uint64_t g = own_granularity ? own_granularity
+                : o->granularity ? o->granularity : QCOW2_OVERLAY_DEFAULT_GRANULARITY;
   return create_bitmap(ov, b, (unsigned) __builtin_ctzll(g));
 }
 
@@ -188,7 +190,8 @@ int bitmaps_prepare(struct qcow2_overlay *ov, const struct qcow2_overlay_options
       seen |= strcmp(ov->bitmaps[j].name, name) == 0;
     if (seen)
       continue;
-    int r = add_bitmap(ov, o, name);
+    uint64_t g = o->granularities && i < o->nbitmaps ? o->granularities[i] : 0;
+    int r = add_bitmap(ov, o, name, g);
     if (r == -EINVAL)
       return -1;
     if (r < 0) {
@@ -332,7 +335,7 @@ static void set_bits(struct dirty_bitmap *b, uint64_t first, uint64_t last)
 }
 
 /* Writes the bytes holding granules [first, last], all in table entry k. */
-static int write_bits(struct qcow2_overlay *ov, struct dirty_bitmap *b, uint64_t k, uint64_t first, uint64_t last)
+int write_bits(struct qcow2_overlay *ov, struct dirty_bitmap *b, uint64_t k, uint64_t first, uint64_t last)
 {
   uint8_t *cluster_bits = b->bits + k * ov->cluster_size;
   if (b->table[k] == 1)
@@ -432,4 +435,33 @@ int qcow2_overlay_bitmap_status(struct qcow2_overlay *ov, size_t index, uint64_t
   *length = (stop_byte < end ? stop_byte : end) - offset;
   *dirty = value;
   return 0;
+}
+
+int qcow2_overlay_bitmap_seed(struct qcow2_overlay *dst, size_t dst_index, const struct qcow2_overlay *src,
+                              size_t src_index)
+{
+  struct dirty_bitmap *d = &dst->bitmaps[dst_index];
+  const struct dirty_bitmap *s = &src->bitmaps[src_index];
+  if (d->granularity_bits != s->granularity_bits || d->granules != s->granules)
+    return -EINVAL;
+  uint64_t per = bits_per_cluster(dst), bytes = (s->granules + 7) / 8;
+  int r = 0;
+  pthread_mutex_lock(&d->lock);
+  for (uint64_t i = 0; i < bytes; i++) {
+    uint8_t v = __atomic_load_n(&s->bits[i], __ATOMIC_RELAXED);
+    if (v)
+      __atomic_fetch_or(&d->bits[i], v, __ATOMIC_RELAXED);
+  }
+  for (uint64_t k = 0; r == 0 && k < d->table_size; k++) {
+    uint64_t first = k * per, last = (k + 1) * per - 1;
+    if (last >= d->granules)
+      last = d->granules - 1;
+    bool any = false;
+    for (uint64_t i = first / 8; !any && i <= last / 8; i++)
+      any = d->bits[i] != 0;
+    if (any)
+      r = write_bits(dst, d, k, first, last);
+  }
+  pthread_mutex_unlock(&d->lock);
+  return r;
 }

@@ -159,6 +159,9 @@ int load_l1(struct layer *l, uint32_t l1_size, uint64_t l1_offset, uint64_t size
 int bitmaps_load(struct layer *l, const uint8_t *ext, uint32_t ext_len, uint64_t autoclear);
 void bitmaps_free(struct layer *l);
 
+/* Frees a layer and every layer below it (qcow2.c). */
+void free_layer(struct layer *l);
+
 /* ---- reading one layer and what lies below it (read.c) ---- */
 int layer_read(struct qcow2_chain *chain, const struct layer *l, uint8_t *buf, uint64_t count,
                uint64_t offset);

@@ -22,6 +22,15 @@
  * in-use bitmaps found with it were written by us, dirty bits ahead of
  * data, and may be trusted as supersets after a crash. */
 #define OVERLAY_EXT_OPEN 0x6e626476u /* "nbdv" */
+/* In a checkpoint's frozen layer: when it was taken, whether it was
+ * released (its layer waits to be merged into the one above), and which
+ * bitmap ended its epoch there (u64 seconds since the epoch, u32 flags,
+ * then the name). */
+#define CHECKPOINT_RELEASED 1u
+/* In an overlay that has had checkpoints: the bitmap recording its writes
+ * (the newest checkpoint's), so that a restart serves it. */
+#define OVERLAY_EXT_RECORDING 0x6e626472u /* "nbdr" */
+#define OVERLAY_EXT_CHECKPOINT 0x6e626463u /* "nbdc" */
 #define REFCOUNT_MAX 0xffffu
 
 struct refcounts {
@@ -80,6 +89,16 @@ struct qcow2_overlay {
   /* The bitmap directory as last written (every bitmap of the file). */
   uint64_t dir_offset, dir_size;
   uint32_t dir_count;
+
+  /* Checkpoints (checkpoint.c). */
+  bool frozen; /* a checkpoint's layer: data calls that change it fail with EROFS */
+  char *checkpoint_bitmap; /* the header's OVERLAY_EXT_CHECKPOINT, or NULL */
+  uint64_t checkpoint_time;
+  bool checkpoint_released;
+  char *recording; /* OVERLAY_EXT_RECORDING, or NULL */
+  bool rebased; /* the header names new_backing instead of its old backing file */
+  char *new_backing;
+  const char *new_backing_format;
 };
 
 /* ---- file writes (overlay.c) ---- */
@@ -126,6 +145,10 @@ int bitmaps_write_directory(struct qcow2_overlay *ov, bool running);
 /* Marks [offset, offset+count) dirty in every bitmap, on disk first. */
 int bitmaps_mark(struct qcow2_overlay *ov, uint64_t offset, uint64_t count);
 void bitmaps_release(struct qcow2_overlay *ov);
+
+/* Copies [first, last] granules' bytes, or the whole cluster k, to the
+ * file (dirty.c; the bitmap's lock held). */
+int write_bits(struct qcow2_overlay *ov, struct dirty_bitmap *b, uint64_t k, uint64_t first, uint64_t last);
 
 /* ---- a new image (create.c) ---- */
 int overlay_create(const struct qcow2_overlay_options *o);

@@ -120,12 +120,30 @@ static void append_extension(struct rebuild *b, uint32_t type, const void *data,
   b->pos += 8 + padded;
 }
 
-/* Extensions kept as they are: everything but the two we rewrite. */
+struct keep {
+  struct rebuild *b;
+  bool rebased;
+};
+
+/* Extensions kept as they are: everything but those we rewrite. */
 static int keep_extension(uint32_t type, const uint8_t *data, uint32_t len, void *opaque)
 {
-  if (type != QCOW2_EXT_BITMAPS && type != OVERLAY_EXT_OPEN)
-    append_extension(opaque, type, data, len);
+  struct keep *k = opaque;
+  if (type != QCOW2_EXT_BITMAPS && type != OVERLAY_EXT_OPEN && type != OVERLAY_EXT_CHECKPOINT &&
+      type != OVERLAY_EXT_RECORDING &&
+      !(k->rebased && type == QCOW2_EXT_BACKING_FORMAT))
+    append_extension(k->b, type, data, len);
   return 0;
+}
+
+static void append_checkpoint(struct rebuild *b, const struct qcow2_overlay *ov)
+{
+  size_t len = strlen(ov->checkpoint_bitmap);
+  uint8_t ext[12 + QCOW2_MAX_NAME];
+  put_be64(ext, ov->checkpoint_time);
+  put_be32(ext + 8, ov->checkpoint_released ? CHECKPOINT_RELEASED : 0);
+  memcpy(ext + 12, ov->checkpoint_bitmap, len);
+  append_extension(b, OVERLAY_EXT_CHECKPOINT, ext, (uint32_t) (12 + len));
 }
 
 int write_header(struct qcow2_overlay *ov, uint64_t dir_offset, uint64_t dir_size, uint32_t count, bool open)
@@ -140,7 +158,15 @@ int write_header(struct qcow2_overlay *ov, uint64_t dir_offset, uint64_t dir_siz
   uint32_t backing_len = get_be32(old + 16);
   memcpy(out, old, header_length);
   struct rebuild b = {.out = out, .pos = header_length, .size = (uint32_t) ov->cluster_size};
-  for_each_extension(old, ov->cluster_size, keep_extension, &b);
+  struct keep keep = {.b = &b, .rebased = ov->rebased};
+  for_each_extension(old, ov->cluster_size, keep_extension, &keep);
+  if (ov->rebased && ov->new_backing)
+    append_extension(&b, QCOW2_EXT_BACKING_FORMAT, ov->new_backing_format,
+                     (uint32_t) strlen(ov->new_backing_format));
+  if (ov->checkpoint_bitmap)
+    append_checkpoint(&b, ov);
+  if (ov->recording)
+    append_extension(&b, OVERLAY_EXT_RECORDING, ov->recording, (uint32_t) strlen(ov->recording));
   if (count > 0) {
     uint8_t ext[24] = {0};
     put_be32(ext, count);
@@ -157,11 +183,19 @@ int write_header(struct qcow2_overlay *ov, uint64_t dir_offset, uint64_t dir_siz
   if (b.pos + 8 <= b.size)
     memcpy(out + b.pos, end, 8);
   b.pos += 8;
+  const uint8_t *backing = old + backing_offset;
+  if (ov->rebased) { /* a checkpoint released below: the layer below it now */
+    backing = (const uint8_t *) ov->new_backing;
+    backing_len = ov->new_backing ? (uint32_t) strlen(ov->new_backing) : 0;
+    backing_offset = ov->new_backing ? 1 : 0;
+    put_be64(out + 8, 0);
+    put_be32(out + 16, backing_len);
+  }
   if (backing_offset) {
     if (b.overflow || (uint64_t) b.pos + backing_len > b.size) {
       b.overflow = true;
     } else {
-      memcpy(out + b.pos, old + backing_offset, backing_len);
+      memcpy(out + b.pos, backing, backing_len);
       put_be64(out + 8, b.pos);
     }
   }
@@ -179,6 +213,90 @@ done:
   free(old);
   free(out);
   return r;
+}
+
+/* The checkpoint extension, if the header has one. */
+struct found_checkpoint {
+  struct qcow2_overlay *ov;
+  int r;
+};
+
+/* The name an OVERLAY_EXT_RECORDING holds, malloc'd, or NULL. */
+static char *recording_name(const uint8_t *data, uint32_t len)
+{
+  if (len == 0 || len > QCOW2_MAX_NAME || memchr(data, 0, len))
+    return NULL;
+  return strndup((const char *) data, len);
+}
+
+static int take_checkpoint(uint32_t type, const uint8_t *data, uint32_t len, void *opaque)
+{
+  struct found_checkpoint *f = opaque;
+  if (type == OVERLAY_EXT_RECORDING) {
+    free(f->ov->recording);
+    f->ov->recording = recording_name(data, len);
+    return 0;
+  }
+  if (type != OVERLAY_EXT_CHECKPOINT)
+    return 0;
+  if (len < 13 || len - 12 > QCOW2_MAX_NAME || memchr(data + 12, 0, len - 12)) {
+    q_error("qcow2: %s: its checkpoint extension is malformed", f->ov->top->path);
+    f->r = -1;
+    return 1;
+  }
+  f->ov->checkpoint_time = get_be64(data);
+  f->ov->checkpoint_released = get_be32(data + 8) & CHECKPOINT_RELEASED;
+  f->ov->checkpoint_bitmap = strndup((const char *) data + 12, len - 12);
+  f->r = f->ov->checkpoint_bitmap ? 0 : -1;
+  return 0;
+}
+
+static int peek_recording(uint32_t type, const uint8_t *data, uint32_t len, void *opaque)
+{
+  if (type == OVERLAY_EXT_RECORDING)
+    *(char **) opaque = recording_name(data, len);
+  return type == OVERLAY_EXT_RECORDING;
+}
+
+char *qcow2_overlay_peek_recording(const char *path)
+{
+  uint8_t head[112];
+  int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+  char *name = NULL;
+  if (fd != -1 && read_at(fd, head, sizeof head, 0) == 0 && get_be32(head) == QCOW2_MAGIC &&
+      get_be32(head + 4) >= 3) {
+    uint32_t bits = get_be32(head + 20);
+    uint64_t size = bits >= QCOW2_MIN_CLUSTER_BITS && bits <= QCOW2_MAX_CLUSTER_BITS ? 1ull << bits : 0;
+    uint8_t *cluster = size ? malloc(size) : NULL;
+    if (cluster && read_at(fd, cluster, size, 0) == 0 && get_be32(cluster + 100) <= size)
+      for_each_extension(cluster, size, peek_recording, &name);
+    free(cluster);
+  }
+  if (fd != -1)
+    close(fd);
+  return name;
+}
+
+int qcow2_overlay_set_recording(struct qcow2_overlay *ov, const char *name)
+{
+  char *copy = strdup(name);
+  if (copy == NULL)
+    return -ENOMEM;
+  free(ov->recording);
+  ov->recording = copy;
+  int r = write_header(ov, ov->dir_offset, ov->dir_size, ov->dir_count, !ov->frozen);
+  return r < 0 ? r : sync_file(ov);
+}
+
+static int read_checkpoint(struct qcow2_overlay *ov)
+{
+  uint8_t *cluster = read_header_cluster(ov);
+  if (cluster == NULL)
+    return -1;
+  struct found_checkpoint f = {.ov = ov, .r = 0};
+  for_each_extension(cluster, ov->cluster_size, take_checkpoint, &f);
+  free(cluster);
+  return f.r;
 }
 
 /* ---- Opening ------------------------------------------------------------------ */
@@ -216,11 +334,12 @@ static int check_base(struct qcow2_overlay *ov, const char *base)
     q_error("qcow2: %s has no backing file, but base=%s was given", ov->top->path, base);
     return -1;
   }
-  if (!same_file(base, below->fd)) {
-    q_error("qcow2: %s is an overlay of %s, not of base=%s", ov->top->path, below->path, base);
-    return -1;
-  }
-  return 0;
+  /* The base is below the overlay, maybe under checkpoints' layers. */
+  for (const struct layer *l = below; l; l = l->backing)
+    if (same_file(base, l->fd))
+      return 0;
+  q_error("qcow2: %s is an overlay of %s, not of base=%s", ov->top->path, below->path, base);
+  return -1;
 }
 
 static void init_locks(struct qcow2_overlay *ov)
@@ -235,6 +354,9 @@ static void init_locks(struct qcow2_overlay *ov)
 
 static void free_overlay(struct qcow2_overlay *ov)
 {
+  free(ov->checkpoint_bitmap);
+  free(ov->recording);
+  free(ov->new_backing);
   bitmaps_release(ov);
   l2_free(ov);
   refcounts_free(&ov->rc);
@@ -293,9 +415,30 @@ struct qcow2_overlay *qcow2_overlay_open(const struct qcow2_overlay_options *o)
   ov->recovered = has_extension(ov, OVERLAY_EXT_OPEN);
   if (ov->recovered)
     q_debug("qcow2: %s was not closed cleanly: its bitmaps are recovered as they are on disk", o->path);
-  if (refcounts_load(ov) < 0 || refcounts_verify(ov, ov->recovered) < 0 ||
-      l2_init(ov) < 0 || bitmaps_prepare(ov, o) < 0 ||
-      bitmaps_write_directory(ov, true) < 0 || qcow2_overlay_flush(ov) < 0)
+  if (read_checkpoint(ov) < 0)
+    goto fail;
+  if (!o->frozen && ov->checkpoint_bitmap) { /* a checkpoint cut short before it switched files */
+    q_debug("qcow2: %s: a checkpoint was interrupted; the overlay goes on as it was", o->path);
+    free(ov->checkpoint_bitmap);
+    ov->checkpoint_bitmap = NULL;
+  }
+  struct qcow2_overlay_options frozen = *o;
+  const char *ended[1] = {ov->checkpoint_bitmap};
+  if (o->frozen) { /* serve the bitmap that ended there, change nothing */
+    if (ov->checkpoint_bitmap == NULL) {
+      q_error("qcow2: %s is not a checkpoint's layer", o->path);
+      goto fail;
+    }
+    frozen.bitmaps = ended;
+    frozen.nbitmaps = 1;
+    frozen.nclear = 0;
+    frozen.granularity = 0;
+    ov->frozen = true;
+  }
+  if (refcounts_load(ov) < 0 || refcounts_verify(ov, ov->recovered) < 0 || l2_init(ov) < 0 ||
+      bitmaps_prepare(ov, &frozen) < 0)
+    goto fail;
+  if (!o->frozen && (bitmaps_write_directory(ov, true) < 0 || qcow2_overlay_flush(ov) < 0))
     goto fail;
   return ov;
 fail:

@@ -47,7 +47,12 @@ struct qcow2_overlay_options {
   const char *const *clear;
   size_t nclear;
   uint64_t granularity; /* of new bitmaps; 0: 64K.  Checked against existing ones if nonzero */
+  const uint64_t *granularities; /* or NULL: per bitmap of `bitmaps`, for new ones (0: granularity) */
   uint64_t cache_bytes; /* metadata cache for the base; 0: default */
+  /* Open a checkpoint's frozen layer (made by qcow2_overlay_freeze): its
+   * data stays as it is, the bitmap that ended there is served (the
+   * bitmap fields above are ignored). */
+  bool frozen;
 };
 
 /* Opens the overlay (creating it first if needed), recovers it after an
@@ -84,5 +89,53 @@ const char *qcow2_overlay_bitmap_name(const struct qcow2_overlay *ov, size_t ind
 uint64_t qcow2_overlay_bitmap_granularity(const struct qcow2_overlay *ov, size_t index);
 int qcow2_overlay_bitmap_status(struct qcow2_overlay *ov, size_t index, uint64_t offset,
                                 uint64_t max_length, uint64_t *length, bool *dirty);
+
+/* ---- Checkpoints (checkpoint.c) -------------------------------------------
+ *
+ * A checkpoint freezes the overlay as it is: the file becomes a read-only
+ * layer (its bitmaps consistent, the bitmap whose epoch ended there and
+ * the time recorded in its header), and a new, empty overlay whose
+ * backing file is that layer takes the writes.  Releasing a checkpoint
+ * copies what its layer holds into the layer above where that one holds
+ * nothing (the data seen through the chain does not change), then points
+ * the layer above past it.  The caller keeps every other call out while
+ * freeze, thaw and drop_backing run (they change the chain). */
+
+/* Only creates the image (as open would when it is missing). 0 or -1. */
+int qcow2_overlay_create(const struct qcow2_overlay_options *options);
+/* Flushes, then freezes: no more writes (EROFS), the file closed cleanly
+ * with `bitmap` and `time` recorded; `new_path` is the file's name from
+ * now on (for messages).  0 or -errno. */
+int qcow2_overlay_freeze(struct qcow2_overlay *ov, const char *bitmap, uint64_t time, const char *new_path);
+/* Undoes a freeze (a checkpoint that failed half way).  0 or -errno. */
+int qcow2_overlay_thaw(struct qcow2_overlay *ov);
+/* The checkpoint recorded in a frozen layer: 0, or -ENOENT for none. */
+int qcow2_overlay_checkpoint_info(const struct qcow2_overlay *ov, const char **bitmap, uint64_t *time);
+/* The bitmap recording the writes of an overlay that has had
+ * checkpoints, as its header says (NULL: none said; malloc'd), read
+ * from the file at path without opening it as an overlay. */
+char *qcow2_overlay_peek_recording(const char *path);
+/* Records it in the header.  0 or -errno. */
+int qcow2_overlay_set_recording(struct qcow2_overlay *ov, const char *name);
+/* Records in a frozen layer that its checkpoint is released: the layer
+ * waits to be absorbed by the one above, even across a restart. */
+int qcow2_overlay_mark_released(struct qcow2_overlay *ov);
+bool qcow2_overlay_checkpoint_released(const struct qcow2_overlay *ov);
+/* The file below the overlay, when it is a qcow2 image (a checkpoint's
+ * layer, or a qcow2 base), else NULL. */
+const char *qcow2_overlay_backing_qcow2(const struct qcow2_overlay *ov);
+/* Bytes the overlay's file takes on disk. */
+uint64_t qcow2_overlay_file_bytes(const struct qcow2_overlay *ov);
+/* Copies into the overlay what its backing layer (a qcow2 image) holds
+ * where the overlay holds nothing, then writes the header naming the
+ * layer below that one as the backing file.  Runs beside data calls.
+ * 0 or -errno. */
+int qcow2_overlay_absorb_backing(struct qcow2_overlay *ov);
+/* After absorb: the chain skips the absorbed layer, which is closed. */
+void qcow2_overlay_drop_backing(struct qcow2_overlay *ov);
+/* Sets in bitmap dst_index every bit set in src's src_index (same
+ * granularity), on disk too.  0 or -errno (-EINVAL: granularities differ). */
+int qcow2_overlay_bitmap_seed(struct qcow2_overlay *dst, size_t dst_index, const struct qcow2_overlay *src,
+                              size_t src_index);
 
 #endif /* NBDSERVE_QCOW2_OVERLAY_H */

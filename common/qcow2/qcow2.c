@@ -393,7 +393,7 @@ out:
   return ret;
 }
 
-static void free_layer(struct layer *l)
+void free_layer(struct layer *l)
 {
   while (l) {
     struct layer *next = l->backing;

@@ -343,6 +343,8 @@ static int write_piece(struct qcow2_overlay *ov, const uint8_t *data, uint64_t n
 
 int qcow2_overlay_write(struct qcow2_overlay *ov, const void *buf, uint64_t count, uint64_t offset, bool fua)
 {
+  if (ov->frozen)
+    return -EROFS;
   if (offset > ov->size || count > ov->size - offset)
     return -EINVAL;
   int r = bitmaps_mark(ov, offset, count);
@@ -447,6 +449,8 @@ static int trim_piece(struct qcow2_overlay *ov, uint64_t n, uint64_t offset)
 
 int qcow2_overlay_zero(struct qcow2_overlay *ov, uint64_t count, uint64_t offset, bool may_trim, bool fua)
 {
+  if (ov->frozen)
+    return -EROFS;
   if (offset > ov->size || count > ov->size - offset)
     return -EINVAL;
   int r = bitmaps_mark(ov, offset, count);
@@ -461,6 +465,8 @@ int qcow2_overlay_zero(struct qcow2_overlay *ov, uint64_t count, uint64_t offset
 
 int qcow2_overlay_trim(struct qcow2_overlay *ov, uint64_t count, uint64_t offset, bool fua)
 {
+  if (ov->frozen)
+    return -EROFS;
   if (offset > ov->size || count > ov->size - offset)
     return -EINVAL;
   int r = bitmaps_mark(ov, offset, count);
@@ -620,4 +626,76 @@ int qcow2_overlay_block_status(struct qcow2_overlay *ov, uint64_t offset, uint64
   *st = (struct qcow2_status) {
     .length = length, .kind = first == KIND_ZERO ? QCOW2_ZERO : QCOW2_DATA, .depth = 1};
   return 0;
+}
+
+/* ---- Absorbing a released checkpoint's layer -------------------------------- */
+
+/* One cluster the overlay does not hold: what the layer below shows
+ * there becomes the overlay's own (a zero cluster, or data). */
+static int absorb_cluster(struct qcow2_overlay *ov, struct layer *below, uint64_t cluster, uint8_t *buf)
+{
+  pthread_rwlock_t *lock = stripe(ov, cluster);
+  pthread_rwlock_wrlock(lock);
+  uint64_t entry, host, start = cluster << ov->cluster_bits, valid = valid_bytes(ov, cluster);
+  int r = get_entry(ov, cluster, &entry);
+  if (r == 0 && classify(ov, entry, &host) == KIND_UNALLOCATED) { /* a write may have come first */
+    struct qcow2_status st;
+    r = layer_status(ov->chain, below, start, valid, &st);
+    if (r == 0 && st.kind == QCOW2_ZERO && st.length >= valid)
+      r = set_entry(ov, cluster, QCOW2_L2_ZERO);
+    else if (r == 0 && (r = layer_read(ov->chain, below, buf, valid, start)) == 0) {
+      memset(buf + valid, 0, ov->cluster_size - valid);
+      if ((host = alloc_cluster(ov, &r)) == 0 && r == 0)
+        r = -ENOSPC;
+      if (r == 0 && (r = write_at(ov->fd, buf, ov->cluster_size, host)) == 0)
+        r = set_entry(ov, cluster, host | QCOW2_L2_COPIED);
+      if (r < 0 && host)
+        defer_free(ov, host);
+    }
+  }
+  pthread_rwlock_unlock(lock);
+  return r;
+}
+
+/* The header names the layer below the absorbed one. */
+static int rebase(struct qcow2_overlay *ov, const struct layer *below)
+{
+  const struct layer *next = below->backing;
+  char *name = next ? strdup(next->path) : NULL;
+  if (next && name == NULL)
+    return -ENOMEM;
+  free(ov->new_backing);
+  ov->new_backing = name;
+  ov->new_backing_format = next && next->is_qcow2 ? "qcow2" : "raw";
+  ov->rebased = true;
+  int r = write_header(ov, ov->dir_offset, ov->dir_size, ov->dir_count, !ov->frozen);
+  return r < 0 ? r : sync_file(ov);
+}
+
+int qcow2_overlay_absorb_backing(struct qcow2_overlay *ov)
+{
+  struct layer *below = ov->top->backing;
+  if (below == NULL || !below->is_qcow2)
+    return -EINVAL;
+  uint8_t *buf = malloc(ov->cluster_size);
+  if (buf == NULL)
+    return -ENOMEM;
+  int r = 0;
+  for (uint64_t pos = 0; r == 0 && pos < ov->size;) {
+    struct qcow2_status st;
+    if ((r = layer_status(ov->chain, below, pos, ov->size - pos, &st)) < 0)
+      break;
+    if (st.depth == below->depth) /* what the layer itself holds */
+      for (uint64_t c = pos >> ov->cluster_bits; r == 0 && c <= (pos + st.length - 1) >> ov->cluster_bits; c++)
+        r = absorb_cluster(ov, below, c, buf);
+    pos += st.length;
+  }
+  free(buf);
+  if (r == 0)
+    r = qcow2_overlay_flush(ov);
+  if (r == 0 && ov->frozen)
+    r = refcounts_return_reserved(ov);
+  if (r == 0)
+    r = rebase(ov, below);
+  return r;
 }

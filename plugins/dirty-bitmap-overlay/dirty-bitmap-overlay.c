@@ -22,21 +22,25 @@
 #include <sys/statfs.h>
 
 #include "nbdserve-plugin.h"
-#include "qcow2/overlay.h"
+#include "overlay-plugin.h"
 
-#define NAME "dirty-bitmap-overlay"
 #define DEPTH_CONTEXT "qemu:allocation-depth"
 #define BITMAP_PREFIX "qemu:dirty-bitmap:"
 #define MAX_REQUEST (32u << 20)
 
 static struct qcow2_overlay_options options;
-static char *overlay_path, *base_path;
+static char *base_path;
+char *overlay_path;
+pthread_rwlock_t chain_lock = PTHREAD_RWLOCK_INITIALIZER;
+struct qcow2_overlay *live;
 static char **bitmaps, **clears;
 static size_t nbitmaps, nclears;
 static bool granularity_given;
 
-static struct qcow2_overlay *overlay;
-static char **context_names; /* qemu:dirty-bitmap:NAME, by bitmap index */
+/* A connection's handle: the live overlay, or a checkpoint's export. */
+struct handle {
+  struct checkpoint *checkpoint; /* NULL: live */
+};
 
 /* ---- Configuration -------------------------------------------------------- */
 
@@ -152,6 +156,51 @@ static int ovl_config(const char *key, const char *value)
   return -1;
 }
 
+/* After a checkpoint the bitmap recording is the newest checkpoint's, as
+ * the overlay's header records it: it is served (first), whatever
+ * bitmap= says, and a bitmap= whose epoch ended at a checkpoint (no
+ * longer in the overlay) is not made anew. */
+static int served_after_checkpoints(void)
+{
+  char *now = qcow2_overlay_peek_recording(overlay_path);
+  if (now == NULL)
+    return 0;
+  struct qcow2_options no_backing = {.no_backing = true};
+  struct qcow2_chain *probe = qcow2_open(overlay_path, &no_backing);
+  if (probe == NULL) {
+    free(now);
+    return -1;
+  }
+  for (size_t i = 0; i < nbitmaps;) {
+    bool present = false;
+    for (size_t k = 0; k < qcow2_bitmap_count(probe); k++)
+      present |= strcmp(qcow2_bitmap_name(probe, k), bitmaps[i]) == 0;
+    if (present || strcmp(bitmaps[i], now) == 0) {
+      i++;
+      continue;
+    }
+    nbdserve_debug(NAME ": bitmap=%s ended at a checkpoint; bitmap %s records now", bitmaps[i], now);
+    free(bitmaps[i]);
+    memmove(bitmaps + i, bitmaps + i + 1, (nbitmaps - i - 1) * sizeof *bitmaps);
+    nbitmaps--;
+  }
+  qcow2_close(probe);
+  bool named = false;
+  for (size_t i = 0; i < nbitmaps; i++)
+    named |= strcmp(bitmaps[i], now) == 0;
+  int r = named ? 0 : append_name(&bitmaps, &nbitmaps, "bitmap", now);
+  for (size_t i = 0; r == 0 && i < nbitmaps; i++) /* the recording bitmap first */
+    if (strcmp(bitmaps[i], now) == 0) {
+      char *t = bitmaps[0];
+      bitmaps[0] = bitmaps[i];
+      bitmaps[i] = t;
+    }
+  free(now);
+  options.bitmaps = (const char *const *) bitmaps;
+  options.nbitmaps = nbitmaps;
+  return r;
+}
+
 static int ovl_config_complete(void)
 {
   if (overlay_path == NULL) {
@@ -182,19 +231,19 @@ static int ovl_config_complete(void)
   if (!granularity_given)
     options.granularity = 0; /* new bitmaps get the default; existing ones keep theirs */
   qcow2_set_logger(nbdserve_error, nbdserve_debug);
-  overlay = qcow2_overlay_open(&options);
-  if (overlay == NULL)
+  if (exists && served_after_checkpoints() < 0)
     return -1;
-  if (qcow2_overlay_recovered(overlay))
+  live = qcow2_overlay_open(&options);
+  if (live == NULL)
+    return -1;
+  if (qcow2_overlay_recovered(live))
     nbdserve_error(NAME ": %s was not closed cleanly; its bitmaps were kept as they are on disk "
                    "(they may show more granules dirty than changed, never fewer)", overlay_path);
-  size_t n = qcow2_overlay_bitmap_count(overlay);
-  context_names = calloc(n ? n : 1, sizeof *context_names);
-  if (context_names == NULL)
+  const char *first = nbitmaps ? bitmaps[0] : nclears ? clears[0] : NULL;
+  if (first && (recording = strdup(first)) == NULL)
     return -1;
-  for (size_t i = 0; i < n; i++)
-    if (asprintf(&context_names[i], BITMAP_PREFIX "%s", qcow2_overlay_bitmap_name(overlay, i)) < 0)
-      return -1;
+  if (checkpoints_open() < 0 || checkpoints_register_commands() < 0)
+    return -1;
   return 0;
 }
 
@@ -207,10 +256,9 @@ static void free_names(char **list, size_t n)
 
 static void ovl_unload(void)
 {
-  size_t n = overlay ? qcow2_overlay_bitmap_count(overlay) : 0;
-  if (overlay && qcow2_overlay_close(overlay) < 0)
+  checkpoints_close();
+  if (live && qcow2_overlay_close(live) < 0)
     nbdserve_error(NAME ": %s was not closed cleanly; the next start recovers it", overlay_path);
-  free_names(context_names, context_names ? n : 0);
   free_names(bitmaps, nbitmaps);
   free_names(clears, nclears);
   free(overlay_path);
@@ -234,7 +282,7 @@ static void check_in_ram(int fd, const char *path, void *opaque)
 static int ovl_never_blocks(void)
 {
   bool all = true;
-  qcow2_overlay_for_each_file(overlay, check_in_ram, &all);
+  qcow2_overlay_for_each_file(live, check_in_ram, &all);
   if (all)
     nbdserve_debug(NAME ": the overlay and its base are in RAM: requests need no worker threads");
   return all;
@@ -263,36 +311,106 @@ static void ovl_dump_plugin(void)
   qcow2_close(chain);
 }
 
-/* ---- Contexts ------------------------------------------------------------------ */
+/* ---- Exports, contexts and connections ---------------------------------------- */
 
-static int ovl_list_meta_contexts(const char *export_name, struct nbdserve_contexts *contexts)
+static void list_checkpoint(const struct checkpoint *ck, void *opaque)
 {
-  (void) export_name;
-  if (nbdserve_add_context(contexts, DEPTH_CONTEXT) == -1)
+  char *name, *description;
+  if (asprintf(&name, "@%s", ck->name) < 0)
+    return;
+  if (asprintf(&description, "checkpoint %s, read-only", ck->name) >= 0) {
+    nbdserve_add_export(opaque, name, description);
+    free(description);
+  }
+  free(name);
+}
+
+static int ovl_list_exports(int readonly, int is_tls, struct nbdserve_exports *exports)
+{
+  (void) readonly;
+  (void) is_tls;
+  if (nbdserve_add_export(exports, "", "the live disk") == -1)
     return -1;
-  for (size_t i = 0; i < qcow2_overlay_bitmap_count(overlay); i++)
-    if (nbdserve_add_context(contexts, context_names[i]) == -1)
-      return -1;
+  checkpoints_each(list_checkpoint, exports);
   return 0;
 }
 
-/* ---- Connections and capabilities ------------------------------------------------ */
+/* The contexts of an export: allocation depth, and its bitmaps (the live
+ * ones, or the one that ended at a checkpoint). */
+static int ovl_list_meta_contexts(const char *export_name, struct nbdserve_contexts *contexts)
+{
+  if (nbdserve_add_context(contexts, DEPTH_CONTEXT) == -1)
+    return -1;
+  struct checkpoint *ck = export_name[0] == '@' ? checkpoint_get(export_name) : NULL;
+  if (export_name[0] == '@' && ck == NULL)
+    return 0;
+  int r = 0;
+  pthread_rwlock_rdlock(&chain_lock);
+  struct qcow2_overlay *ov = ck ? ck->ov : live;
+  for (size_t i = 0; r == 0 && i < qcow2_overlay_bitmap_count(ov); i++) {
+    char *name;
+    if (asprintf(&name, BITMAP_PREFIX "%s", qcow2_overlay_bitmap_name(ov, i)) < 0)
+      r = -1;
+    else {
+      r = nbdserve_add_context(contexts, name);
+      free(name);
+    }
+  }
+  pthread_rwlock_unlock(&chain_lock);
+  if (ck)
+    checkpoint_put(ck);
+  return r;
+}
 
 static void *ovl_open(int readonly, const char *export_name)
 {
   (void) readonly;
-  (void) export_name;
-  return overlay;
+  struct handle *h = calloc(1, sizeof *h);
+  if (h == NULL)
+    return NULL;
+  if (export_name[0] == '\0')
+    return h;
+  if ((h->checkpoint = checkpoint_get(export_name)) == NULL) {
+    nbdserve_error(NAME ": no export '%s' (the live disk is \"\", checkpoints are \"@NAME\")", export_name);
+    free(h);
+    nbdserve_set_error(ENOENT);
+    return NULL;
+  }
+  return h;
+}
+
+static void ovl_close(void *handle)
+{
+  struct handle *h = handle;
+  if (h->checkpoint)
+    checkpoint_put(h->checkpoint);
+  free(h);
+}
+
+/* The overlay a call works on, with chain_lock held shared until done(). */
+static struct qcow2_overlay *use(void *handle)
+{
+  struct handle *h = handle;
+  pthread_rwlock_rdlock(&chain_lock);
+  return h->checkpoint ? h->checkpoint->ov : live;
+}
+
+static void done(void)
+{
+  pthread_rwlock_unlock(&chain_lock);
 }
 
 static int64_t ovl_get_size(void *handle)
 {
-  return (int64_t) qcow2_overlay_size(handle);
+  int64_t size = (int64_t) qcow2_overlay_size(use(handle));
+  done();
+  return size;
 }
 
 static int ovl_block_size(void *handle, uint32_t *minimum, uint32_t *preferred, uint32_t *maximum)
 {
-  uint32_t cluster = qcow2_overlay_cluster_size(handle);
+  uint32_t cluster = qcow2_overlay_cluster_size(use(handle));
+  done();
   *minimum = 1;
   *preferred = cluster < 4096 ? 4096 : cluster;
   *maximum = MAX_REQUEST;
@@ -305,16 +423,22 @@ static int return_one(void *handle)
   return 1;
 }
 
+/* Checkpoints are read-only exports. */
+static int is_live(void *handle)
+{
+  return ((struct handle *) handle)->checkpoint == NULL;
+}
+
 static int ovl_can_fua(void *handle)
 {
-  (void) handle;
-  return NBDSERVE_FUA_NATIVE;
+  return is_live(handle) ? NBDSERVE_FUA_NATIVE : NBDSERVE_FUA_NONE;
 }
 
 /* ---- Data --------------------------------------------------------------------------- */
 
 static int result(int r)
 {
+  done();
   if (r < 0) {
     nbdserve_set_error(-r);
     return -1;
@@ -325,48 +449,54 @@ static int result(int r)
 static int ovl_pread(void *handle, void *buf, uint32_t count, uint64_t offset, uint32_t flags)
 {
   (void) flags;
-  return result(qcow2_overlay_read(handle, buf, count, offset));
+  struct qcow2_overlay *ov = use(handle);
+  return result(qcow2_overlay_read(ov, buf, count, offset));
 }
 
 static int ovl_pwrite(void *handle, const void *buf, uint32_t count, uint64_t offset, uint32_t flags)
 {
-  return result(qcow2_overlay_write(handle, buf, count, offset, flags & NBDSERVE_FLAG_FUA));
+  struct qcow2_overlay *ov = use(handle);
+  return result(qcow2_overlay_write(ov, buf, count, offset, flags & NBDSERVE_FLAG_FUA));
 }
 
 static int ovl_zero(void *handle, uint64_t count, uint64_t offset, uint32_t flags)
 {
+  struct qcow2_overlay *ov = use(handle);
   /* Whole clusters are zeroed by changing their L2 entries; a part of
    * one needs its data written, which is not fast. */
-  uint64_t cluster = qcow2_overlay_cluster_size(handle), end = offset + count;
+  uint64_t cluster = qcow2_overlay_cluster_size(ov), end = offset + count;
   if ((flags & NBDSERVE_FLAG_FAST_ZERO) &&
-      (offset % cluster || (end % cluster && end != qcow2_overlay_size(handle)))) {
-    nbdserve_set_error(ENOTSUP);
-    return -1;
-  }
-  return result(qcow2_overlay_zero(handle, count, offset, flags & NBDSERVE_FLAG_MAY_TRIM,
+      (offset % cluster || (end % cluster && end != qcow2_overlay_size(ov))))
+    return result(-ENOTSUP);
+  return result(qcow2_overlay_zero(ov, count, offset, flags & NBDSERVE_FLAG_MAY_TRIM,
                                    flags & NBDSERVE_FLAG_FUA));
 }
 
 static int ovl_trim(void *handle, uint64_t count, uint64_t offset, uint32_t flags)
 {
-  return result(qcow2_overlay_trim(handle, count, offset, flags & NBDSERVE_FLAG_FUA));
+  struct qcow2_overlay *ov = use(handle);
+  return result(qcow2_overlay_trim(ov, count, offset, flags & NBDSERVE_FLAG_FUA));
 }
 
 static int ovl_flush(void *handle, uint32_t flags)
 {
   (void) flags;
-  return result(qcow2_overlay_flush(handle));
+  struct qcow2_overlay *ov = use(handle);
+  return result(qcow2_overlay_flush(ov));
 }
 
 /* ---- Extents ---------------------------------------------------------------------- */
 
 #define MAX_STRETCHES 64 /* a reply may cover less than asked; the client asks again */
 
-static int allocation_stretch(const char *context, uint64_t offset, uint64_t max, uint64_t *length,
-                              uint64_t *flags)
+typedef int stretch_fn(struct qcow2_overlay *ov, const char *context, uint64_t offset, uint64_t max,
+                       uint64_t *length, uint64_t *flags);
+
+static int allocation_stretch(struct qcow2_overlay *ov, const char *context, uint64_t offset, uint64_t max,
+                              uint64_t *length, uint64_t *flags)
 {
   struct qcow2_status st;
-  int r = qcow2_overlay_block_status(overlay, offset, max, &st);
+  int r = qcow2_overlay_block_status(ov, offset, max, &st);
   if (r < 0)
     return r;
   *length = st.length;
@@ -377,54 +507,54 @@ static int allocation_stretch(const char *context, uint64_t offset, uint64_t max
   return 0;
 }
 
-static int bitmap_stretch(const char *context, uint64_t offset, uint64_t max, uint64_t *length,
-                          uint64_t *flags)
+static int bitmap_stretch(struct qcow2_overlay *ov, const char *context, uint64_t offset, uint64_t max,
+                          uint64_t *length, uint64_t *flags)
 {
-  for (size_t i = 0; i < qcow2_overlay_bitmap_count(overlay); i++)
-    if (strcmp(context_names[i], context) == 0) {
+  const char *name = context + strlen(BITMAP_PREFIX);
+  for (size_t i = 0; i < qcow2_overlay_bitmap_count(ov); i++)
+    if (strcmp(qcow2_overlay_bitmap_name(ov, i), name) == 0) {
       bool dirty;
-      int r = qcow2_overlay_bitmap_status(overlay, i, offset, max, length, &dirty);
+      int r = qcow2_overlay_bitmap_status(ov, i, offset, max, length, &dirty);
       *flags = dirty; /* bit 0: dirty */
       return r;
     }
-  return -EINVAL;
+  return -EINVAL; /* a context of the export before a checkpoint switched it */
 }
 
-typedef int stretch_fn(const char *context, uint64_t offset, uint64_t max, uint64_t *length, uint64_t *flags);
-
-static int describe(const char *context, uint64_t count, uint64_t offset, struct nbdserve_extents *extents,
-                    stretch_fn *next)
+static int describe(void *handle, const char *context, uint64_t count, uint64_t offset,
+                    struct nbdserve_extents *extents, stretch_fn *next)
 {
+  struct qcow2_overlay *ov = use(handle);
   uint64_t end = offset + count, pos = offset;
-  for (int i = 0; i < MAX_STRETCHES && pos < end; i++) {
+  int r = 0;
+  for (int i = 0; r == 0 && i < MAX_STRETCHES && pos < end; i++) {
     uint64_t length, flags;
-    int r = next(context, pos, end - pos, &length, &flags);
-    if (r < 0)
-      return result(r);
-    if (nbdserve_add_extent(extents, pos, length, flags) == -1)
+    if ((r = next(ov, context, pos, end - pos, &length, &flags)) < 0)
+      break;
+    if (nbdserve_add_extent(extents, pos, length, flags) == -1) {
+      done();
       return -1;
+    }
     uint64_t reached = nbdserve_extents_end(extents);
     if (reached <= pos)
       break; /* the builder is full */
     pos = reached;
   }
-  return 0;
+  return result(r);
 }
 
 static int ovl_extents(void *handle, uint64_t count, uint64_t offset, uint32_t flags,
                        struct nbdserve_extents *extents)
 {
-  (void) handle;
   (void) flags;
-  return describe(NBDSERVE_CONTEXT_BASE_ALLOCATION, count, offset, extents, allocation_stretch);
+  return describe(handle, NBDSERVE_CONTEXT_BASE_ALLOCATION, count, offset, extents, allocation_stretch);
 }
 
 static int ovl_meta_extents(void *handle, const char *context, uint64_t count, uint64_t offset,
                             uint32_t flags, struct nbdserve_extents *extents)
 {
-  (void) handle;
   (void) flags;
-  return describe(context, count, offset, extents,
+  return describe(handle, context, count, offset, extents,
                   strcmp(context, DEPTH_CONTEXT) == 0 ? allocation_stretch : bitmap_stretch);
 }
 
@@ -454,14 +584,16 @@ static struct nbdserve_plugin plugin = {
   .unload = ovl_unload,
   .never_blocks = ovl_never_blocks,
   .dump_plugin = ovl_dump_plugin,
+  .list_exports = ovl_list_exports,
   .list_meta_contexts = ovl_list_meta_contexts,
   .open = ovl_open,
+  .close = ovl_close,
   .get_size = ovl_get_size,
   .block_size = ovl_block_size,
-  .can_write = return_one,
+  .can_write = is_live,
   .can_flush = return_one,
-  .can_trim = return_one,
-  .can_zero = return_one,
+  .can_trim = is_live,
+  .can_zero = is_live,
   .can_fua = ovl_can_fua,
   .can_multi_conn = return_one,
   .can_extents = return_one,
