@@ -4,9 +4,10 @@
  * clusters are smaller), so a 2 MiB L2 table costs only the slices that
  * requests touch.  The cache is set-associative: a slice can live in one
  * of CACHE_WAYS places of the set its key hashes to, and each set has its
- * own lock, held only to compare keys and copy bytes.  The image is never
- * written, so a slice never goes stale; eviction is least recently used
- * within the set.
+ * own lock, held only to compare keys and copy bytes.  A layer read here
+ * is never written, except a checkpoint's layer absorbing a released one
+ * (overlay), after which its slices are forgotten; eviction is least
+ * recently used within the set.
  *
  * SPDX-License-Identifier: BSD-3-Clause
  */
@@ -55,6 +56,17 @@ void cache_free(struct meta_cache *cache)
   free(cache->data);
   cache->sets = NULL;
   cache->data = NULL;
+}
+
+void cache_forget(struct meta_cache *cache, unsigned id)
+{
+  for (uint32_t s = 0; s < cache->nsets; s++) {
+    pthread_mutex_lock(&cache->sets[s].lock);
+    for (unsigned w = 0; w < CACHE_WAYS; w++)
+      if (cache->sets[s].way[w].id == id)
+        cache->sets[s].way[w].last_used = 0;
+    pthread_mutex_unlock(&cache->sets[s].lock);
+  }
 }
 
 static uint32_t set_of(const struct meta_cache *cache, unsigned id, uint64_t slice_index)

@@ -96,6 +96,30 @@ uint64_t qcow2_overlay_file_bytes(const struct qcow2_overlay *ov)
   return fstat(ov->fd, &st) == 0 ? (uint64_t) st.st_blocks * 512 : 0;
 }
 
+int qcow2_overlay_forget_below(struct qcow2_overlay *ov, const char *above, const char *gone)
+{
+  for (struct layer *l = ov->top; l && l->backing; l = l->backing) {
+    if (strcmp(l->path, above) != 0 || strcmp(l->backing->path, gone) != 0)
+      continue;
+    /* The layer above absorbed the gone one: its L1 table and cached
+     * slices are read again, then the gone layer leaves the chain. */
+    int r = load_l1(l, l->l1_size, l->l1_offset, l->size, "L1 table");
+    if (r < 0)
+      return -EIO;
+    cache_forget(&ov->chain->cache, l->cache_id);
+    struct layer *g = l->backing;
+    l->backing = g->backing;
+    g->backing = NULL;
+    free_layer(g);
+    unsigned depth = 0;
+    for (struct layer *k = ov->top; k; k = k->backing)
+      k->depth = ++depth;
+    ov->chain->depth = depth;
+    return 0;
+  }
+  return 0;
+}
+
 void qcow2_overlay_drop_backing(struct qcow2_overlay *ov)
 {
   struct layer *gone = ov->top->backing;

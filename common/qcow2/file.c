@@ -9,6 +9,7 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "internal.h"
@@ -74,6 +75,21 @@ int read_table(const struct layer *l, void *buf, uint64_t count, uint64_t offset
   if (r < 0)
     q_error("qcow2: %s: reading the %s: %s", l->path, what, strerror(-r));
   return r;
+}
+
+bool past_end(const struct layer *l, uint64_t offset, uint64_t count)
+{
+  uint64_t size = __atomic_load_n(&l->file_size, __ATOMIC_RELAXED);
+  if (offset < size && count <= size - offset)
+    return false;
+  /* A layer can grow under a reader: a checkpoint's layer receiving the
+   * data of an older one being released.  Look again. */
+  struct stat st;
+  if (fstat(l->fd, &st) == -1 || (uint64_t) st.st_size <= size)
+    return true;
+  size = (uint64_t) st.st_size;
+  __atomic_store_n(&((struct layer *) l)->file_size, size, __ATOMIC_RELAXED);
+  return offset >= size || count > size - offset;
 }
 
 bool overlaps_header(const struct layer *l, uint64_t offset)

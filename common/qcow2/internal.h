@@ -146,12 +146,17 @@ int read_table(const struct layer *l, void *buf, uint64_t count, uint64_t offset
 /* ---- metadata cache (cache.c) ---- */
 int cache_init(struct meta_cache *cache, uint64_t bytes, uint32_t slice_size);
 void cache_free(struct meta_cache *cache);
+/* Drops every slice of one layer (a layer whose tables changed). */
+void cache_forget(struct meta_cache *cache, unsigned id);
 /* Copies count bytes at offset of the layer's image file (a range that
  * does not cross a slice boundary) through the cache. */
 int cache_read(struct meta_cache *cache, const struct layer *l, void *buf, uint32_t count, uint64_t offset);
 
 /* ---- header checks (file.c) ---- */
 bool overlaps_header(const struct layer *l, uint64_t offset);
+/* Whether [offset, offset+count) runs past the end of the layer's file
+ * (looked up again when it seems to: the file may have grown). */
+bool past_end(const struct layer *l, uint64_t offset, uint64_t count);
 /* Loads an L1 table (the active one or a snapshot's) covering size bytes. */
 int load_l1(struct layer *l, uint32_t l1_size, uint64_t l1_offset, uint64_t size, const char *what);
 

@@ -133,6 +133,11 @@ uint64_t qcow2_overlay_file_bytes(const struct qcow2_overlay *ov);
 int qcow2_overlay_absorb_backing(struct qcow2_overlay *ov);
 /* After absorb: the chain skips the absorbed layer, which is closed. */
 void qcow2_overlay_drop_backing(struct qcow2_overlay *ov);
+/* In ov's chain, the layer `gone` below the layer `above` (by path)
+ * leaves the chain, after `above` absorbed it (qcow2_overlay_absorb_backing
+ * on the overlay of `above`): `above`'s tables are read again.  The caller
+ * keeps every other call out.  0 or -errno. */
+int qcow2_overlay_forget_below(struct qcow2_overlay *ov, const char *above, const char *gone);
 /* Sets in bitmap dst_index every bit set in src's src_index (same
  * granularity), on disk too.  0 or -errno (-EINVAL: granularities differ). */
 int qcow2_overlay_bitmap_seed(struct qcow2_overlay *dst, size_t dst_index, const struct qcow2_overlay *src,

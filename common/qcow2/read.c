@@ -87,7 +87,7 @@ static int fetch_entries(struct qcow2_chain *chain, const struct layer *l, uint6
     return corrupt(l, guest, "L2 table offset is not cluster aligned", table);
   if (overlaps_header(l, table))
     return corrupt(l, guest, "L2 table offset is inside the header cluster", table);
-  if (table >= l->file_size || l->cluster_size > l->file_size - table)
+  if (past_end(l, table, l->cluster_size))
     return corrupt(l, guest, "L2 table lies past the end of the file", table);
 
   uint64_t at = table + l2_index * l->l2_entry_bytes;
@@ -145,7 +145,7 @@ static int classify(const struct layer *l, uint64_t guest, const uint64_t entry[
     return corrupt(l, guest, "data cluster offset is not cluster aligned", offset);
   if (!external && overlaps_header(l, offset))
     return corrupt(l, guest, "data cluster offset is inside the header cluster", offset);
-  if (!external && offset >= l->file_size)
+  if (!external && past_end(l, offset, 1))
     return corrupt(l, guest, "data cluster lies past the end of the file", offset);
   *host = offset + ((uint64_t) unit << (l->cluster_bits - 5));
   return 0;

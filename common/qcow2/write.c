@@ -447,6 +447,20 @@ static int trim_piece(struct qcow2_overlay *ov, uint64_t n, uint64_t offset)
   return r;
 }
 
+/* Clusters unreferenced by zeroes and trims are freed only by a flush;
+ * a client that never flushes would make the file grow without end, so
+ * past this many waiting (or a quarter of the disk), the overlay
+ * flushes itself. */
+#define PENDING_FREE_LIMIT 1024
+
+static int flush_if_many_pending(struct qcow2_overlay *ov, bool fua)
+{
+  pthread_mutex_lock(&ov->rc.lock);
+  bool many = ov->npending >= PENDING_FREE_LIMIT || ov->npending * ov->cluster_size >= ov->size / 4;
+  pthread_mutex_unlock(&ov->rc.lock);
+  return fua || many ? qcow2_overlay_flush(ov) : 0;
+}
+
 int qcow2_overlay_zero(struct qcow2_overlay *ov, uint64_t count, uint64_t offset, bool may_trim, bool fua)
 {
   if (ov->frozen)
@@ -460,7 +474,7 @@ int qcow2_overlay_zero(struct qcow2_overlay *ov, uint64_t count, uint64_t offset
     if ((r = zero_piece(ov, n, offset + pos_, may_trim)) < 0)
       return r;
   }
-  return fua ? qcow2_overlay_flush(ov) : 0;
+  return flush_if_many_pending(ov, fua);
 }
 
 int qcow2_overlay_trim(struct qcow2_overlay *ov, uint64_t count, uint64_t offset, bool fua)
@@ -476,7 +490,7 @@ int qcow2_overlay_trim(struct qcow2_overlay *ov, uint64_t count, uint64_t offset
     if ((r = trim_piece(ov, n, offset + pos_)) < 0)
       return r;
   }
-  return fua ? qcow2_overlay_flush(ov) : 0;
+  return flush_if_many_pending(ov, fua);
 }
 
 /* ---- Flush ---------------------------------------------------------------------- */

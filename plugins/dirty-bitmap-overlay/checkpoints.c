@@ -17,8 +17,10 @@
  * the checkpoint below it.
  *
  * Releasing copies what the checkpoint's layer holds into the layer
- * above it where that one holds nothing (beside the writers), points the
- * layer above past it, and deletes the file.
+ * above it (the next checkpoint's, or the live overlay) where that one
+ * holds nothing, beside the writers — what any export reads does not
+ * change — then points the layer above past it in every chain, and
+ * deletes the file.
  *
  * SPDX-License-Identifier: BSD-3-Clause
  */
@@ -417,39 +419,63 @@ static int cmd_checkpoints(int argc, const char *const *keys, const char *const 
 
 /* ---- dirty-bitmap-overlay.release name=NAME -------------------------------------- */
 
-/* While the newest checkpoint is released, its layer is merged into the
- * live overlay (beside the writers), taken out of the chain, and its file
- * deleted.  A released checkpoint with newer ones above it waits for
- * them.  Returns the layers merged, or -errno. */
+/* Merges every released checkpoint's layer into the layer above it (the
+ * next checkpoint's, or the live overlay), beside the writers, newest
+ * first; takes it out of every chain and deletes its file.  Returns the
+ * layers merged, or -errno. */
+static int merge_one(size_t i)
+{
+  struct checkpoint *ck = list[i];
+  struct checkpoint *next = i + 1 < count ? list[i + 1] : NULL;
+  struct qcow2_overlay *above = next ? next->ov : live;
+  pthread_rwlock_rdlock(&chain_lock);
+  int r = qcow2_overlay_absorb_backing(above);
+  pthread_rwlock_unlock(&chain_lock);
+  if (r < 0) {
+    nbdserve_error(NAME ": merging checkpoint '%s' into the layer above failed: %s", ck->name, strerror(-r));
+    return r;
+  }
+  pthread_rwlock_wrlock(&chain_lock);
+  qcow2_overlay_drop_backing(above);
+  /* The chains above that read the layer through the one that absorbed it. */
+  for (size_t j = i + 2; next && r == 0 && j < count; j++)
+    r = qcow2_overlay_forget_below(list[j]->ov, next->path, ck->path);
+  if (next && r == 0)
+    r = qcow2_overlay_forget_below(live, next->path, ck->path);
+  pthread_rwlock_unlock(&chain_lock);
+  if (r < 0) {
+    nbdserve_error(NAME ": re-reading the layers above checkpoint '%s' failed: %s", ck->name, strerror(-r));
+    return r;
+  }
+  unlink(ck->path);
+  sync_dir();
+  nbdserve_debug(NAME ": checkpoint '%s' merged into %s, its file deleted", ck->name,
+                 next ? next->path : overlay_path);
+  pthread_mutex_lock(&list_lock);
+  memmove(list + i, list + i + 1, (count - i - 1) * sizeof *list);
+  count--;
+  ck->merged = true;
+  bool unused = ck->connections == 0;
+  pthread_mutex_unlock(&list_lock);
+  if (unused)
+    free_checkpoint(ck);
+  return 0;
+}
+
 static int merge_released(void)
 {
   int merged = 0;
   for (;;) {
     pthread_mutex_lock(&list_lock);
-    struct checkpoint *ck = count && list[count - 1]->released ? list[count - 1] : NULL;
+    size_t i = count;
+    while (i > 0 && !list[i - 1]->released)
+      i--;
     pthread_mutex_unlock(&list_lock);
-    if (ck == NULL)
+    if (i == 0)
       return merged;
-    pthread_rwlock_rdlock(&chain_lock);
-    int r = qcow2_overlay_absorb_backing(live);
-    pthread_rwlock_unlock(&chain_lock);
-    if (r < 0) {
-      nbdserve_error(NAME ": merging checkpoint '%s' into the overlay failed: %s", ck->name, strerror(-r));
+    int r = merge_one(i - 1);
+    if (r < 0)
       return r;
-    }
-    pthread_rwlock_wrlock(&chain_lock);
-    qcow2_overlay_drop_backing(live);
-    pthread_rwlock_unlock(&chain_lock);
-    unlink(ck->path);
-    sync_dir();
-    nbdserve_debug(NAME ": checkpoint '%s' merged into the overlay, its file deleted", ck->name);
-    pthread_mutex_lock(&list_lock);
-    count--;
-    ck->merged = true;
-    bool unused = ck->connections == 0;
-    pthread_mutex_unlock(&list_lock);
-    if (unused)
-      free_checkpoint(ck);
     merged++;
   }
 }

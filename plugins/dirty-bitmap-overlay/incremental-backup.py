@@ -1,17 +1,20 @@
 #!/usr/bin/python3
 # Incremental backup from a dirty bitmap: copies every extent that the
 # bitmap marks dirty from the NBD export onto TARGET, a copy of the
-# previous backup.  Usage: incremental-backup.py SOCKET BITMAP TARGET
+# previous backup.  Usage: incremental-backup.py SOCKET BITMAP TARGET [EXPORT]
+# (EXPORT: "" the live disk, the default, or "@NAME" a checkpoint)
 # SPDX-License-Identifier: BSD-3-Clause
 import sys
 
 import nbd
 
 socket, bitmap, target = sys.argv[1:4]
+export = sys.argv[4] if len(sys.argv) > 4 else ""
 context = "qemu:dirty-bitmap:" + bitmap
 h = nbd.NBD()
 h.add_meta_context(context)
-h.connect_uri("nbd+unix:///?socket=" + socket)
+h.set_export_name(export)
+h.connect_unix(socket)
 if not h.can_meta_context(context):
     sys.exit("the server does not offer " + context)
 size = h.get_size()
