@@ -112,6 +112,11 @@ struct nbdserve_plugin {
    * server knows only the flag). */
   int (*never_blocks)(void);
 
+  /* --dump-plugin: prints the plugin's own key=value lines on stdout
+   * after the server's.  When parameters follow the plugin name on the
+   * command line, config has seen them (config_complete has not run). */
+  void (*dump_plugin)(void);
+
   /* New fields are appended here only. */
 };
 

@@ -470,7 +470,7 @@ static void check_options(const struct command *cmd)
 /* Hand every parameter after the plugin name to the chain.  The first
  * one without '=' is the plugin's magic key; a second one is an error,
  * since it could only be a typo. */
-static void configure_chain(const struct command *cmd)
+static void configure_chain(const struct command *cmd, bool complete)
 {
   bool bare_seen = false;
   for (size_t i = 0; i < cmd->nparams; i++) {
@@ -494,7 +494,7 @@ static void configure_chain(const struct command *cmd)
     if (r == -1)
       exit(EXIT_FAILURE); /* the layer said why */
   }
-  if (chain_config_complete() == -1)
+  if (complete && chain_config_complete() == -1)
     exit(EXIT_FAILURE);
 }
 
@@ -620,6 +620,7 @@ int main(int argc, char **argv)
     if (cmd.plugin == NULL)
       die("--dump-plugin needs a plugin name, e.g. 'nbdserve --dump-plugin memory'");
     load_chain(cmd.plugin, cmd.filters, cmd.nfilters);
+    configure_chain(&cmd, false); /* what the plugin's own dump may describe */
     chain_dump(stdout);
     unload_chain();
     free(cmd.filters);
@@ -637,7 +638,7 @@ int main(int argc, char **argv)
     opt.loops = usable_cpus();
 
   load_chain(cmd.plugin, cmd.filters, cmd.nfilters);
-  configure_chain(&cmd);
+  configure_chain(&cmd, true);
   if (opt.tls != TLS_OFF)
     tls_setup(); /* bad certificates or keys stop us before we listen */
 

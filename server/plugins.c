@@ -498,6 +498,11 @@ static void dump_plugin(FILE *fp, const struct layer *l)
   HAS(fp, pre, p, can_extents); HAS(fp, pre, p, pread); HAS(fp, pre, p, pwrite);
   HAS(fp, pre, p, flush); HAS(fp, pre, p, trim); HAS(fp, pre, p, zero); HAS(fp, pre, p, cache);
   HAS(fp, pre, p, extents); HAS(fp, pre, p, meta_extents); HAS(fp, pre, p, never_blocks);
+  if (p->dump_plugin) {
+    fflush(fp);
+    p->dump_plugin();
+    fflush(stdout);
+  }
 }
 
 static void dump_filter(FILE *fp, const struct layer *l)

@@ -19,17 +19,14 @@
 
 #include "internal.h"
 
-#define BITMAP_IN_USE (1u << 0)
-#define BITMAP_AUTO (1u << 1)
-#define BITMAP_EXTRA_DATA_COMPATIBLE (1u << 2)
-#define BITMAP_TYPE_DIRTY_TRACKING 1
-#define ENTRY_FIXED 24 /* bytes of a directory entry before its extra data and name */
+#define ENTRY_FIXED BITMAP_ENTRY_FIXED
 
 void bitmaps_free(struct layer *l)
 {
   for (size_t i = 0; i < l->nbitmaps; i++) {
     free(l->bitmaps[i].name);
     free(l->bitmaps[i].table);
+    free(l->bitmaps[i].entry);
   }
   free(l->bitmaps);
   l->bitmaps = NULL;
@@ -78,10 +75,12 @@ static int load_table(struct layer *l, struct bitmap *b, uint64_t offset, uint32
   return 0;
 }
 
-/* Why a directory entry's bitmap cannot be used, or NULL. */
-static const char *entry_problem(uint32_t flags, uint8_t type, uint8_t granularity_bits, uint32_t extra)
+/* Why a directory entry's bitmap cannot be used, or NULL.  A writer
+ * (the overlay) decides itself what an in-use bitmap means. */
+static const char *entry_problem(const struct layer *l, uint32_t flags, uint8_t type,
+                                 uint8_t granularity_bits, uint32_t extra)
 {
-  if (flags & BITMAP_IN_USE)
+  if ((flags & BITMAP_IN_USE) && !l->writable)
     return "it is marked in use (it was not saved cleanly and may be inconsistent)";
   if (flags & ~(BITMAP_IN_USE | BITMAP_AUTO | BITMAP_EXTRA_DATA_COMPATIBLE))
     return "it has unknown flags";
@@ -125,7 +124,17 @@ static int parse_directory(struct layer *l, const uint8_t *dir, uint64_t dir_siz
       return -1;
     }
     b->granularity_bits = granularity_bits;
-    b->problem = entry_problem(flags, type, granularity_bits, extra);
+    b->table_offset = table_offset;
+    b->flags = flags;
+    b->entry_len = (uint32_t) entry_len;
+    b->entry = malloc(entry_len);
+    if (b->entry == NULL) {
+      q_error("qcow2: out of memory");
+      return -1;
+    }
+    memset(b->entry, 0, entry_len);
+    memcpy(b->entry, e, ENTRY_FIXED + (uint64_t) extra + name_len);
+    b->problem = entry_problem(l, flags, type, granularity_bits, extra);
     if (strlen(b->name) != name_len)
       b->problem = "its name holds a NUL byte";
     for (size_t j = 0; b->problem == NULL && j + 1 < l->nbitmaps; j++)
@@ -165,6 +174,8 @@ int bitmaps_load(struct layer *l, const uint8_t *ext, uint32_t ext_len, uint64_t
             "offset %" PRIu64 ")", l->path, count, dir_size, dir_offset);
     return -1;
   }
+  l->bitmap_dir_offset = dir_offset;
+  l->bitmap_dir_size = dir_size;
   uint8_t *dir = malloc(dir_size);
   if (dir == NULL) {
     q_error("qcow2: out of memory");

@@ -56,7 +56,18 @@ struct bitmap {
   unsigned granularity_bits;
   uint64_t *table; /* bitmap_table_size entries, host order */
   uint32_t table_size;
+  /* As found in the directory: what a writer keeps or rewrites. */
+  uint64_t table_offset;
+  uint32_t flags;
+  uint8_t *entry; /* the whole directory entry, padded to 8 bytes */
+  uint32_t entry_len;
 };
+
+#define BITMAP_IN_USE (1u << 0)
+#define BITMAP_AUTO (1u << 1)
+#define BITMAP_EXTRA_DATA_COMPATIBLE (1u << 2)
+#define BITMAP_TYPE_DIRTY_TRACKING 1
+#define BITMAP_ENTRY_FIXED 24 /* bytes of a directory entry before its extra data and name */
 
 /* One layer of the chain: a qcow2 image or a raw file. */
 struct layer {
@@ -83,6 +94,17 @@ struct layer {
 
   struct bitmap *bitmaps; /* top layer only */
   size_t nbitmaps;
+
+  /* The top layer's header fields a writer needs (overlay.c). */
+  bool writable; /* opened read-write: in-use bitmaps are the writer's to judge */
+  uint32_t version;
+  uint64_t l1_offset;
+  uint64_t refcount_table_offset;
+  uint32_t refcount_table_clusters;
+  uint32_t refcount_order;
+  uint32_t nb_snapshots;
+  uint64_t incompatible, autoclear;
+  uint64_t bitmap_dir_offset, bitmap_dir_size;
 
   struct layer *backing; /* NULL at the bottom */
 };
@@ -136,6 +158,12 @@ int load_l1(struct layer *l, uint32_t l1_size, uint64_t l1_offset, uint64_t size
 /* ---- bitmaps (bitmap.c) ---- */
 int bitmaps_load(struct layer *l, const uint8_t *ext, uint32_t ext_len, uint64_t autoclear);
 void bitmaps_free(struct layer *l);
+
+/* ---- reading one layer and what lies below it (read.c) ---- */
+int layer_read(struct qcow2_chain *chain, const struct layer *l, uint8_t *buf, uint64_t count,
+               uint64_t offset);
+int layer_status(struct qcow2_chain *chain, const struct layer *l, uint64_t offset, uint64_t max,
+                 struct qcow2_status *st);
 
 /* ---- snapshots (snapshot.c) ---- */
 int snapshot_select(struct layer *l, uint32_t nb_snapshots, uint64_t snapshots_offset, const char *want);

@@ -21,9 +21,9 @@
 /* Images, backing files and data files are opened without blocking (a
  * name in a hostile image may lead to a FIFO) and must turn out to be
  * regular files or block devices. */
-static int open_regular(const char *path, uint64_t *size)
+static int open_regular(const char *path, uint64_t *size, bool writable)
 {
-  int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+  int fd = open(path, (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC | O_NONBLOCK);
   if (fd == -1)
     return -1;
   struct stat st;
@@ -45,7 +45,7 @@ static int open_regular(const char *path, uint64_t *size)
 
 static int open_file(struct layer *l)
 {
-  l->fd = open_regular(l->path, &l->file_size);
+  l->fd = open_regular(l->path, &l->file_size, l->writable);
   if (l->fd == -2) {
     l->fd = -1;
     q_error("qcow2: %s is not a regular file or a block device", l->path);
@@ -91,6 +91,8 @@ struct header {
   uint32_t refcount_order;
   uint32_t header_length;
   uint8_t compression_type;
+  uint64_t refcount_table_offset;
+  uint32_t refcount_table_clusters;
 };
 
 /* Header extensions found (pointers into the first cluster). */
@@ -123,6 +125,8 @@ static void parse_header_fields(const uint8_t *b, struct header *h)
   h->crypt_method = get_be32(b + 32);
   h->l1_size = get_be32(b + 36);
   h->l1_offset = get_be64(b + 40);
+  h->refcount_table_offset = get_be64(b + 48);
+  h->refcount_table_clusters = get_be32(b + 56);
   h->nb_snapshots = get_be32(b + 60);
   h->snapshots_offset = get_be64(b + 64);
   h->incompatible = h->autoclear = 0;
@@ -250,7 +254,7 @@ static int open_data_file(struct layer *l, const struct extensions *ext, const s
     return -1;
   }
   free(name);
-  l->data_fd = open_regular(l->data_path, &l->data_file_size);
+  l->data_fd = open_regular(l->data_path, &l->data_file_size, false);
   if (l->data_fd < 0) {
     q_error("qcow2: %s: external data file %s: %s", l->path, l->data_path,
             l->data_fd == -2 ? "not a regular file or a block device" : strerror(errno));
@@ -353,6 +357,14 @@ static int open_qcow2(struct build *b, struct layer *l, bool top)
     goto out;
 
   l->size = h.size;
+  l->version = h.version;
+  l->l1_offset = h.l1_offset;
+  l->refcount_table_offset = h.refcount_table_offset;
+  l->refcount_table_clusters = h.refcount_table_clusters;
+  l->refcount_order = h.refcount_order;
+  l->nb_snapshots = h.nb_snapshots;
+  l->incompatible = h.incompatible;
+  l->autoclear = h.autoclear;
   l->extended_l2 = h.incompatible & QCOW2_INCOMPAT_EXTL2;
   l->l2_entry_bytes = l->extended_l2 ? 16 : 8;
   l->l2_bits = h.cluster_bits - (l->extended_l2 ? 4 : 3);
@@ -409,6 +421,7 @@ static struct layer *open_layer(struct build *b, char *path, unsigned depth, int
   }
   l->path = path;
   l->depth = depth;
+  l->writable = depth == 1 && b->options->writable;
   l->cache_id = depth;
   l->fd = l->data_fd = -1;
   if (open_file(l) < 0)

@@ -36,6 +36,7 @@ struct qcow2_options {
   const char *snapshot; /* internal snapshot id or name, or NULL for the active state */
   const char *data_file; /* external data file, overriding the image's own name */
   uint64_t cache_bytes; /* 0: QCOW2_DEFAULT_CACHE_BYTES */
+  bool writable; /* open the top image read-write (for overlay.h; the reads above stay the same) */
 };
 
 typedef void (*qcow2_log_fn)(const char *fmt, ...) __attribute__((format(printf, 1, 2)));

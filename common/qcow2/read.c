@@ -378,8 +378,8 @@ static int load_compressed(struct qcow2_chain *chain, const struct layer *l, uin
 
 /* ---- Reading -------------------------------------------------------------- */
 
-static int layer_read(struct qcow2_chain *chain, const struct layer *l, uint8_t *buf, uint64_t count,
-                      uint64_t offset)
+int layer_read(struct qcow2_chain *chain, const struct layer *l, uint8_t *buf, uint64_t count,
+               uint64_t offset)
 {
   if (offset >= l->size) { /* past a shorter backing file: zeroes */
     memset(buf, 0, count);
@@ -459,8 +459,8 @@ static int raw_status(const struct layer *l, uint64_t offset, uint64_t max, stru
   return 0;
 }
 
-static int layer_status(struct qcow2_chain *chain, const struct layer *l, uint64_t offset, uint64_t max,
-                        struct qcow2_status *st)
+int layer_status(struct qcow2_chain *chain, const struct layer *l, uint64_t offset, uint64_t max,
+                 struct qcow2_status *st)
 {
   if (offset >= l->size) { /* past a shorter layer: zero, allocated there */
     *st = (struct qcow2_status) {.length = max, .kind = QCOW2_ZERO, .depth = l->depth};
