@@ -108,7 +108,8 @@ static int by_name_then_order(const void *a, const void *b)
  * the others (freed, their name set to NULL). */
 static void sort_and_drop_hidden(struct catalog *c)
 {
-  qsort(c->items, c->n, sizeof *c->items, by_name_then_order);
+  if (c->n > 1) /* qsort wants an array, and there may be none */
+    qsort(c->items, c->n, sizeof *c->items, by_name_then_order);
   const struct found *winner = NULL;
   for (size_t i = 0; i < c->n; i++) {
     struct found *f = &c->items[i];
