@@ -148,6 +148,31 @@ extern int chain_thread_model(void); /* the most restrictive of all layers */
 extern bool chain_never_blocks(void); /* every layer declares NEVER_BLOCKS */
 extern void chain_dump(FILE *fp); /* --dump-plugin */
 extern void chain_help(FILE *fp); /* plugin and filter help for --help */
+/* Finding plugins and filters by short name: the build tree next to the
+ * running binary (LAYER_BUILD_DIR/plugins/NAME/nbdserve-NAME-plugin.so)
+ * first, then the installed directory (PLUGINDIR, FILTERDIR). */
+extern bool layer_short_name_valid(const char *name); /* [a-z0-9_-]+ */
+extern char *layer_build_dir(void); /* the binary's directory; NULL if unknown */
+extern const char *layer_installed_dir(bool is_plugin);
+extern char *layer_build_path(const char *build_dir, const char *name, bool is_plugin);
+extern char *layer_installed_path(const char *name, bool is_plugin);
+/* What a plugin or filter says about itself, for --list-plugins. */
+struct layer_summary {
+  char *name, *longname, *version; /* malloc'ed; longname, version may be NULL */
+};
+#define LAYER_WHY_MAX 512
+/* Load the object at PATH, check and read its registration, unload it;
+ * its load callback is not called.  False with the reason in WHY
+ * (LAYER_WHY_MAX bytes) if the server would refuse to load it. */
+extern bool layer_summarize(const char *path, bool is_plugin, struct layer_summary *summary,
+                            char *why);
+extern void layer_summary_free(struct layer_summary *summary);
+
+/* ---- catalog.c: --list-plugins and --list-filters -------------------------- */
+/* One line per plugin (or filter) a short name finds, sorted: NAME,
+ * VERSION, LONGNAME (and the path with -v).  Objects that cannot be
+ * loaded get a warning on stderr. */
+extern void list_layers(FILE *fp, bool is_plugin);
 /* Short name of the layer whose load, config, config_complete or
  * get_ready callback runs now (main thread), NULL outside them: the
  * layer a command registered then belongs to. */

@@ -52,6 +52,8 @@ enum {
   OPT_LOOPS,
   OPT_MAX_PAYLOAD,
   OPT_CONTROL,
+  OPT_LIST_PLUGINS,
+  OPT_LIST_FILTERS,
 };
 
 /* The leading ':' makes getopt report a missing argument as ':' and stay
@@ -82,6 +84,8 @@ static const struct option long_options[] = {
   { "tls-psk", required_argument, NULL, OPT_TLS_PSK },
   { "tls-verify-peer", no_argument, NULL, OPT_TLS_VERIFY_PEER },
   { "dump-plugin", no_argument, NULL, OPT_DUMP_PLUGIN },
+  { "list-plugins", no_argument, NULL, OPT_LIST_PLUGINS },
+  { "list-filters", no_argument, NULL, OPT_LIST_FILTERS },
   { "handshake-timeout", required_argument, NULL, OPT_HANDSHAKE_TIMEOUT },
   { "max-connections", required_argument, NULL, OPT_MAX_CONNECTIONS },
   { "busy-poll", required_argument, NULL, OPT_BUSY_POLL },
@@ -108,7 +112,7 @@ struct command {
   size_t nfilters;
   char **params; /* what followed the plugin name */
   size_t nparams;
-  bool help, version, dump_plugin;
+  bool help, version, dump_plugin, list_plugins, list_filters;
 };
 
 static void usage(FILE *fp)
@@ -177,6 +181,9 @@ static void usage(FILE *fp)
 "\n"
 "Information:\n"
 "      --dump-plugin         describe PLUGIN (and filters) as key=value lines\n"
+"      --list-plugins        list the plugins a short name finds: name, version,\n"
+"                            description (with -v, the file), sorted\n"
+"      --list-filters        the same for filters\n"
 "  -V, --version             print the version of nbdserve and its libraries\n"
 "  -h, --help                print this help; with PLUGIN, its parameters too\n"
 "\n"
@@ -400,6 +407,8 @@ static void parse_options(int argc, char **argv, struct command *cmd)
     case OPT_ALLOW: acl_add(true, optarg); break;
     case OPT_DENY: acl_add(false, optarg); break;
     case OPT_DUMP_PLUGIN: cmd->dump_plugin = true; break;
+    case OPT_LIST_PLUGINS: cmd->list_plugins = true; break;
+    case OPT_LIST_FILTERS: cmd->list_filters = true; break;
     case OPT_HANDSHAKE_TIMEOUT: opt.handshake_timeout = parse_handshake_timeout(optarg); break;
     case OPT_BUSY_POLL: opt.busy_poll_us = parse_busy_poll(optarg); break;
     case OPT_LOOPS: opt.loops = parse_loops(optarg); break;
@@ -556,6 +565,28 @@ void restore_inherited_signals(void)
   hold_early_signals(false);
 }
 
+/* --list-plugins, --list-filters: with both, each list under a heading. */
+static void list_installed(const struct command *cmd)
+{
+  if (cmd->plugin)
+    die("--list-plugins and --list-filters list what is installed: they take no plugin "
+        "name (got '%s')", cmd->plugin);
+  bool both = cmd->list_plugins && cmd->list_filters;
+  if (cmd->list_plugins) {
+    if (both)
+      printf("plugins:\n");
+    fflush(stdout); /* the warnings go to stderr directly */
+    list_layers(stdout, true);
+  }
+  if (cmd->list_filters) {
+    if (both)
+      printf("\nfilters:\n");
+    fflush(stdout);
+    list_layers(stdout, false);
+  }
+  free(cmd->filters);
+}
+
 int main(int argc, char **argv)
 {
   struct command cmd = { 0 };
@@ -579,6 +610,10 @@ int main(int argc, char **argv)
       unload_chain();
     }
     free(cmd.filters); /* a leak report would end LeakSanitizer builds before stdout is flushed */
+    return EXIT_SUCCESS;
+  }
+  if (cmd.list_plugins || cmd.list_filters) {
+    list_installed(&cmd);
     return EXIT_SUCCESS;
   }
   if (cmd.dump_plugin) {

@@ -6,6 +6,7 @@
 #include <dlfcn.h>
 #include <errno.h>
 #include <limits.h>
+#include <stdarg.h>
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
@@ -38,7 +39,7 @@ static bool is_path(const char *name)
   return strchr(name, '/') != NULL || (len > 3 && strcmp(name + len - 3, ".so") == 0);
 }
 
-static bool valid_short_name(const char *name)
+bool layer_short_name_valid(const char *name)
 {
   if (name == NULL || name[0] == '\0')
     return false;
@@ -48,8 +49,12 @@ static bool valid_short_name(const char *name)
   return true;
 }
 
-/* Directory holding the running binary, for uninstalled use. */
-static char *binary_dir(void)
+static const char *kind_name(bool is_plugin)
+{
+  return is_plugin ? "plugin" : "filter";
+}
+
+char *layer_build_dir(void)
 {
   char path[PATH_MAX];
   ssize_t n = readlink("/proc/self/exe", path, sizeof path - 1);
@@ -62,28 +67,59 @@ static char *binary_dir(void)
   return strdup(path);
 }
 
-/* Where the .so for NAME lives: a path as given, the build tree next to
- * the binary, or the installed directory. */
-static char *find_object(const char *name, const char *kind, const char *installed_dir)
+const char *layer_installed_dir(bool is_plugin)
 {
-  char *path = NULL;
+  return is_plugin ? PLUGINDIR : FILTERDIR;
+}
+
+char *layer_build_path(const char *build_dir, const char *name, bool is_plugin)
+{
+  char *path;
+  const char *kind = kind_name(is_plugin);
+  if (asprintf(&path, "%s/%ss/%s/nbdserve-%s-%s.so", build_dir, kind, name, name, kind) < 0)
+    die("out of memory");
+  return path;
+}
+
+char *layer_installed_path(const char *name, bool is_plugin)
+{
+  char *path;
+  if (asprintf(&path, "%s/nbdserve-%s-%s.so", layer_installed_dir(is_plugin), name,
+               kind_name(is_plugin)) < 0)
+    die("out of memory");
+  return path;
+}
+
+/* Where the .so for NAME lives: a path as given, the build tree next to
+ * the binary, or the installed directory (the order --list-plugins
+ * follows too). */
+static char *find_object(const char *name, bool is_plugin)
+{
   if (is_path(name))
     return strdup(name);
-  if (!valid_short_name(name))
+  if (!layer_short_name_valid(name))
     die("%s name '%s' is not valid (use a short name such as 'memory' or a path to a .so)",
-        kind, name);
-  char *dir = binary_dir();
+        kind_name(is_plugin), name);
+  char *dir = layer_build_dir();
   if (dir) {
-    if (asprintf(&path, "%s/%ss/%s/nbdserve-%s-%s.so", dir, kind, name, name, kind) < 0)
-      die("out of memory");
+    char *path = layer_build_path(dir, name, is_plugin);
     free(dir);
     if (access(path, R_OK) == 0)
       return path;
     free(path);
   }
-  if (asprintf(&path, "%s/nbdserve-%s-%s.so", installed_dir, name, kind) < 0)
-    die("out of memory");
-  return path;
+  return layer_installed_path(name, is_plugin);
+}
+
+/* Say why a file cannot be used, into WHY (LAYER_WHY_MAX bytes): the
+ * server dies with it, --list-plugins warns with it. */
+static bool NBDSERVE_PRINTF(2, 3) refuse(char *why, const char *fmt, ...)
+{
+  va_list args;
+  va_start(args, fmt);
+  vsnprintf(why, LAYER_WHY_MAX, fmt, args);
+  va_end(args);
+  return false;
 }
 
 /* The largest struct_size believed: the structs grow by a few pointers
@@ -96,41 +132,43 @@ static char *find_object(const char *name, const char *kind, const char *install
  * is accepted only when its fields past OUR_SIZE are all zero, i.e.
  * unset: a field this server does not know, set, asks for behaviour the
  * server would silently not give, so such a plugin is refused. */
-static void copy_struct(void *dest, size_t our_size, const void *src, uint32_t size,
-                        size_t min_size, const char *what, const char *path)
+static bool copy_struct(void *dest, size_t our_size, const void *src, uint32_t size,
+                        size_t min_size, const char *what, const char *path, char *why)
 {
   if (size < min_size)
-    die("%s %s: its struct is %u bytes, too small to be an nbdserve %s "
-        "(was it built against these headers?)", what, path, size, what);
+    return refuse(why, "%s %s: its struct is %u bytes, too small to be an nbdserve %s "
+                  "(was it built against these headers?)", what, path, size, what);
   if (size > MAX_STRUCT_SIZE)
-    die("%s %s: its struct claims %u bytes, more than any nbdserve %s can be "
-        "(is struct_size set by NBDSERVE_%s_INIT?)", what, path, size, what,
-        strcmp(what, "plugin") == 0 ? "PLUGIN" : "FILTER");
+    return refuse(why, "%s %s: its struct claims %u bytes, more than any nbdserve %s can "
+                  "be (is struct_size set by NBDSERVE_%s_INIT?)", what, path, size, what,
+                  strcmp(what, "plugin") == 0 ? "PLUGIN" : "FILTER");
   if (size > our_size) {
     const unsigned char *tail = (const unsigned char *) src + our_size;
     for (size_t i = 0; i < size - our_size; i++)
       if (tail[i] != 0)
-        die("%s %s: its struct is %u bytes, built against newer headers than this "
-            "server's %zu-byte struct, and sets a field this server does not know "
-            "(byte %zu is not zero): upgrade the server, or leave that field unset",
-            what, path, size, our_size, our_size + i);
+        return refuse(why, "%s %s: its struct is %u bytes, built against newer headers "
+                      "than this server's %zu-byte struct, and sets a field this server "
+                      "does not know (byte %zu is not zero): upgrade the server, or leave "
+                      "that field unset", what, path, size, our_size, our_size + i);
   }
   memset(dest, 0, our_size);
   memcpy(dest, src, MIN((size_t) size, our_size));
+  return true;
 }
 
 /* The server speaks version NBDSERVE_API_VERSION only; say which side is
  * behind, since the fix differs (upgrade the server, or rebuild). */
-static void check_api_version(uint32_t version, const char *what, const char *path)
+static bool api_version_ok(uint32_t version, const char *what, const char *path, char *why)
 {
   if (version == NBDSERVE_API_VERSION)
-    return;
+    return true;
   if (version > NBDSERVE_API_VERSION)
-    die("%s %s was built for ABI version %u, newer than this server, which speaks "
-        "version %d: upgrade the server", what, path, version, NBDSERVE_API_VERSION);
-  die("%s %s was built for ABI version %u, this server speaks version %d "
-      "(is api_version set by NBDSERVE_%s_INIT?)", what, path, version,
-      NBDSERVE_API_VERSION, strcmp(what, "plugin") == 0 ? "PLUGIN" : "FILTER");
+    return refuse(why, "%s %s was built for ABI version %u, newer than this server, which "
+                  "speaks version %d: upgrade the server", what, path, version,
+                  NBDSERVE_API_VERSION);
+  return refuse(why, "%s %s was built for ABI version %u, this server speaks version %d "
+                "(is api_version set by NBDSERVE_%s_INIT?)", what, path, version,
+                NBDSERVE_API_VERSION, strcmp(what, "plugin") == 0 ? "PLUGIN" : "FILTER");
 }
 
 /* The thread model a filter stands: its own unset value,
@@ -146,14 +184,13 @@ static int filter_thread_model(const struct nbdserve_filter *f)
 /* Code anybody may replace must not run inside the server: refuse a
  * plugin or filter that others may write to, or whose directory they may
  * write to (and so swap the file).  Missing files are dlopen's to report. */
-static void check_not_world_writable(const char *kind, const char *filename)
+static bool not_world_writable(const char *kind, const char *filename, char *why)
 {
   char *real = realpath(filename, NULL);
   if (real == NULL)
-    return;
+    return true;
+  bool fine = true;
   struct stat st;
-  if (stat(real, &st) == 0 && (st.st_mode & S_IWOTH))
-    die("refusing to load %s %s: anybody may write to it (chmod o-w)", kind, real);
   char *dir = strdup(real);
   if (dir == NULL)
     die("out of memory");
@@ -162,72 +199,126 @@ static void check_not_world_writable(const char *kind, const char *filename)
     dir[1] = '\0'; /* the root directory */
   else if (slash)
     *slash = '\0';
-  if (stat(dir, &st) == 0 && (st.st_mode & S_IWOTH))
-    die("refusing to load %s %s: anybody may write to its directory %s", kind, real, dir);
+  if (stat(real, &st) == 0 && (st.st_mode & S_IWOTH))
+    fine = refuse(why, "refusing to load %s %s: anybody may write to it (chmod o-w)",
+                  kind, real);
+  else if (stat(dir, &st) == 0 && (st.st_mode & S_IWOTH))
+    fine = refuse(why, "refusing to load %s %s: anybody may write to its directory %s",
+                  kind, real, dir);
   free(dir);
   free(real);
+  return fine;
+}
+
+/* The registration of the object L->dl, checked and copied into L, without
+ * calling anything in it but its registration function. */
+static bool read_registration(struct layer *l, char *why)
+{
+  const char *kind = kind_name(l->is_plugin);
+  const char *symbol = l->is_plugin ? "nbdserve_plugin_init" : "nbdserve_filter_init";
+  void *init = dlsym(l->dl, symbol);
+  if (init == NULL)
+    return refuse(why, "%s is not an nbdserve %s: it has no %s symbol (use "
+                  "NBDSERVE_REGISTER_%s)", l->filename, kind, symbol,
+                  l->is_plugin ? "PLUGIN" : "FILTER");
+
+  if (l->is_plugin) {
+    const struct nbdserve_plugin *p = ((const struct nbdserve_plugin *(*) (void)) init)();
+    if (p == NULL)
+      return refuse(why, "plugin %s: registration returned nothing", l->filename);
+    if (!api_version_ok(p->api_version, kind, l->filename, why) ||
+        !copy_struct(&l->plugin, sizeof l->plugin, p, p->struct_size,
+                     offsetof(struct nbdserve_plugin, load), kind, l->filename, why))
+      return false;
+    if (!layer_short_name_valid(l->plugin.name))
+      return refuse(why, "plugin %s: missing or invalid name", l->filename);
+    if (!l->plugin.open || !l->plugin.get_size || !l->plugin.pread)
+      return refuse(why, "plugin %s: open, get_size and pread are required", l->plugin.name);
+    if (l->plugin.thread_model < NBDSERVE_THREAD_MODEL_SERIALIZE_CONNECTIONS ||
+        l->plugin.thread_model > NBDSERVE_THREAD_MODEL_PARALLEL)
+      return refuse(why, "plugin %s: unknown thread model %d", l->plugin.name,
+                    l->plugin.thread_model);
+    l->name = l->plugin.name;
+  }
+  else {
+    const struct nbdserve_filter *f = ((const struct nbdserve_filter *(*) (void)) init)();
+    if (f == NULL)
+      return refuse(why, "filter %s: registration returned nothing", l->filename);
+    if (!api_version_ok(f->api_version, kind, l->filename, why) ||
+        !copy_struct(&l->filter, sizeof l->filter, f, f->struct_size,
+                     offsetof(struct nbdserve_filter, load), kind, l->filename, why))
+      return false;
+    if (!layer_short_name_valid(l->filter.name))
+      return refuse(why, "filter %s: missing or invalid name", l->filename);
+    if (l->filter.thread_model < 0 || l->filter.thread_model > NBDSERVE_THREAD_MODEL_PARALLEL)
+      return refuse(why, "filter %s: unknown thread model %d", l->filter.name,
+                    l->filter.thread_model);
+    l->name = l->filter.name;
+  }
+  return true;
 }
 
 static struct layer *load_layer(const char *name, bool is_plugin)
 {
-  const char *kind = is_plugin ? "plugin" : "filter";
+  const char *kind = kind_name(is_plugin);
+  char why[LAYER_WHY_MAX];
   struct layer *l = calloc(1, sizeof *l);
   if (l == NULL)
     die("out of memory");
   l->is_plugin = is_plugin;
-  l->filename = find_object(name, kind, is_plugin ? PLUGINDIR : FILTERDIR);
-  check_not_world_writable(kind, l->filename);
+  l->filename = find_object(name, is_plugin);
+  if (!not_world_writable(kind, l->filename, why))
+    die("%s", why);
   l->dl = dlopen(l->filename, RTLD_NOW | RTLD_LOCAL);
   if (l->dl == NULL) {
     if (!is_path(name) && access(l->filename, F_OK) != 0)
       die("there is no %s called '%s' (looked for %s)", kind, name, l->filename);
     die("cannot load %s %s: %s", kind, l->filename, dlerror());
   }
+  if (!read_registration(l, why))
+    die("%s", why);
 
-  const char *symbol = is_plugin ? "nbdserve_plugin_init" : "nbdserve_filter_init";
-  void *init = dlsym(l->dl, symbol);
-  if (init == NULL)
-    die("%s is not an nbdserve %s: it has no %s symbol (use NBDSERVE_REGISTER_%s)",
-        l->filename, kind, symbol, is_plugin ? "PLUGIN" : "FILTER");
-
-  if (is_plugin) {
-    const struct nbdserve_plugin *p = ((const struct nbdserve_plugin *(*) (void)) init)();
-    if (p == NULL)
-      die("plugin %s: registration returned nothing", l->filename);
-    check_api_version(p->api_version, kind, l->filename);
-    copy_struct(&l->plugin, sizeof l->plugin, p, p->struct_size,
-                offsetof(struct nbdserve_plugin, load), kind, l->filename);
-    if (!valid_short_name(l->plugin.name))
-      die("plugin %s: missing or invalid name", l->filename);
-    if (!l->plugin.open || !l->plugin.get_size || !l->plugin.pread)
-      die("plugin %s: open, get_size and pread are required", l->plugin.name);
-    if (l->plugin.thread_model < NBDSERVE_THREAD_MODEL_SERIALIZE_CONNECTIONS ||
-        l->plugin.thread_model > NBDSERVE_THREAD_MODEL_PARALLEL)
-      die("plugin %s: unknown thread model %d", l->plugin.name, l->plugin.thread_model);
-    l->name = l->plugin.name;
-    calling = l;
-    if (l->plugin.load && l->plugin.load() == -1)
-      die("plugin %s: load failed", l->name);
-    calling = NULL;
-  }
-  else {
-    const struct nbdserve_filter *f = ((const struct nbdserve_filter *(*) (void)) init)();
-    if (f == NULL)
-      die("filter %s: registration returned nothing", l->filename);
-    check_api_version(f->api_version, kind, l->filename);
-    copy_struct(&l->filter, sizeof l->filter, f, f->struct_size,
-                offsetof(struct nbdserve_filter, load), kind, l->filename);
-    if (!valid_short_name(l->filter.name))
-      die("filter %s: missing or invalid name", l->filename);
-    if (l->filter.thread_model < 0 || l->filter.thread_model > NBDSERVE_THREAD_MODEL_PARALLEL)
-      die("filter %s: unknown thread model %d", l->filter.name, l->filter.thread_model);
-    l->name = l->filter.name;
-    calling = l;
-    if (l->filter.load && l->filter.load() == -1)
-      die("filter %s: load failed", l->name);
-    calling = NULL;
-  }
+  int (*load)(void) = is_plugin ? l->plugin.load : l->filter.load;
+  calling = l;
+  if (load && load() == -1)
+    die("%s %s: load failed", kind, l->name);
+  calling = NULL;
   return l;
+}
+
+static char *strdup_or_null(const char *s)
+{
+  char *copy = s ? strdup(s) : NULL;
+  if (s && copy == NULL)
+    die("out of memory");
+  return copy;
+}
+
+bool layer_summarize(const char *path, bool is_plugin, struct layer_summary *summary,
+                     char *why)
+{
+  struct layer l = { .is_plugin = is_plugin, .filename = (char *) path };
+  if (!not_world_writable(kind_name(is_plugin), path, why))
+    return false;
+  l.dl = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+  if (l.dl == NULL)
+    return refuse(why, "cannot load %s %s: %s", kind_name(is_plugin), path, dlerror());
+  bool fine = read_registration(&l, why);
+  if (fine) {
+    /* The strings live in the object: copy them before it goes. */
+    summary->name = strdup_or_null(l.name);
+    summary->longname = strdup_or_null(is_plugin ? l.plugin.longname : l.filter.longname);
+    summary->version = strdup_or_null(is_plugin ? l.plugin.version : l.filter.version);
+  }
+  dlclose(l.dl);
+  return fine;
+}
+
+void layer_summary_free(struct layer_summary *summary)
+{
+  free(summary->name);
+  free(summary->longname);
+  free(summary->version);
 }
 
 void load_chain(const char *plugin, const char *const *filters, size_t nfilters)

@@ -259,7 +259,7 @@ static int delay_cache(struct nbdserve_next *next, void *handle, uint64_t count,
 static struct nbdserve_filter filter = {
   NBDSERVE_FILTER_INIT,
   .name = "delay",
-  .longname = "nbdserve delay filter",
+  .longname = "add latency to requests",
   .version = "1.0",
   .description = "Add a fixed or random latency to each kind of request",
   .config_help = DELAY_CONFIG_HELP,

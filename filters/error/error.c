@@ -217,7 +217,7 @@ static int error_cache(struct nbdserve_next *next, void *handle, uint64_t count,
 static struct nbdserve_filter filter = {
   NBDSERVE_FILTER_INIT,
   .name = "error",
-  .longname = "nbdserve error-injection filter",
+  .longname = "make requests fail on purpose",
   .version = "1.0",
   .description = "Fail chosen requests with a chosen errno, at a rate or on a trigger file",
   .config_help = ERROR_CONFIG_HELP,

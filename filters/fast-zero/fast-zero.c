@@ -215,7 +215,7 @@ static int fz_zero(struct nbdserve_next *next, void *handle, uint64_t count, uin
 static struct nbdserve_filter filter = {
   NBDSERVE_FILTER_INIT,
   .name = "fast-zero",
-  .longname = "nbdserve fast-zero filter",
+  .longname = "control write-zeroes and FAST_ZERO",
   .version = "1.0",
   .description = "Control write-zeroes and the FAST_ZERO flag a client sees",
   .config_help = FZ_CONFIG_HELP,

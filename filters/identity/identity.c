@@ -118,7 +118,7 @@ static int identity_list_exports(struct nbdserve_next *next, int readonly, int i
 static struct nbdserve_filter filter = {
   NBDSERVE_FILTER_INIT,
   .name = "identity",
-  .longname = "nbdserve TLS identity filter",
+  .longname = "exports per TLS identity",
   .version = "1.0",
   .description = "Let TLS clients open only the exports their identity is allowed",
   .config_help = IDENTITY_CONFIG_HELP,

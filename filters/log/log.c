@@ -526,7 +526,7 @@ static int log_meta_extents(struct nbdserve_next *next, void *handle, const char
 static struct nbdserve_filter filter = {
   NBDSERVE_FILTER_INIT,
   .name = "log",
-  .longname = "nbdserve log filter",
+  .longname = "log every request",
   .version = "1.0",
   .description = "Log every request, connection and disconnection, one line each",
   .config_help = LOG_CONFIG_HELP,

@@ -609,7 +609,7 @@ static int stats_meta_extents(struct nbdserve_next *next, void *handle, const ch
 static struct nbdserve_filter filter = {
   NBDSERVE_FILTER_INIT,
   .name = "stats",
-  .longname = "nbdserve stats filter",
+  .longname = "count requests, bytes, errors and latencies",
   .version = "1.0",
   .description = "Count requests, bytes and errors per kind of request, with histograms\n"
                  "of request sizes and latencies, per connection and for the server.",

@@ -747,7 +747,7 @@ static int throttle_flush(struct nbdserve_next *next, void *handle, uint32_t fla
 static struct nbdserve_filter filter = {
   NBDSERVE_FILTER_INIT,
   .name = "throttle",
-  .longname = "nbdserve throttle filter",
+  .longname = "bandwidth and IOPS limits",
   .version = "1.0",
   .description = "Limit bandwidth and requests per second, server-wide and per connection",
   .config_help = THROTTLE_CONFIG_HELP,

@@ -14,7 +14,8 @@
  *   cc -shared -fPIC $(pkg-config --cflags nbdserve) example.c -o example.so
  *   nbdserve ./example.so size=4M
  *
- * docs/plugin-api.md walks through this file callback by callback.
+ * The tutorial of docs/plugin-api.md builds a plugin of the same shape
+ * out of tree, then describes every callback.
  *
  * SPDX-License-Identifier: BSD-3-Clause
  */
@@ -122,7 +123,7 @@ static int example_pwrite(void *handle, const void *buf, uint32_t count, uint64_
 static struct nbdserve_plugin plugin = {
   NBDSERVE_PLUGIN_INIT, /* ABI version and struct size: always first */
   .name = "example",
-  .longname = "a small RAM disk with a pattern (the tutorial plugin)",
+  .longname = "a small RAM disk with a pattern (the smallest plugin, to read)",
   .version = "0.1.0",
   .description = "Serves size= bytes of RAM, each 512-byte sector labelled with its "
                  "number.  Read docs/plugin-api.md alongside its source.",

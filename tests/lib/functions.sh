@@ -186,6 +186,21 @@ build_plugin() {
         > "$tmp/cc.log" 2>&1 || { diag_file "$tmp/cc.log"; return 1; }
 }
 
+# make_install DESTDIR [VAR=value...]: `make install DESTDIR=DESTDIR` of
+# this tree, with the sanitizer setting it was built with, so that the
+# install finds everything up to date and rebuilds nothing (other tests
+# run the tree's binaries meanwhile).  Its output goes to $tmp/install.log.
+make_install() {
+    local dest=$1 flags=() before; shift
+    grep -q -- '-fsanitize=address' "$top/.build-flags" && flags+=(SANITIZE=1)
+    grep -q -- '-fsanitize=thread' "$top/.build-flags" && flags+=(TSAN=1)
+    before=$(cat "$top/.build-flags")
+    make -s -C "$top" install DESTDIR="$dest" "${flags[@]}" "$@" > "$tmp/install.log" 2>&1 ||
+        { diag_file "$tmp/install.log"; return 1; }
+    [ "$before" = "$(cat "$top/.build-flags")" ] ||
+        { diag "make install rebuilt the tree with other flags (CFLAGS, OPTFLAGS?)"; return 1; }
+}
+
 # uri_of EXPORT: a URI for another export of the current server.
 uri_of() { echo "nbd+unix:///$1?socket=$sock"; }
 
