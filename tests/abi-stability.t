@@ -292,7 +292,7 @@ refused "a filter of API version 2: refused, naming versions 2 and 1" \
     "filter ./v2filter.so was built for ABI version 2, newer than this server, which speaks version 1" \
     --filter=./v2filter.so ./v1plugin.so
 refused "a longer plugin struct with a new field set: refused, naming both sizes" \
-    "plugin ./v1plugin-grown-set.so: its struct is $((p1 + 32)) bytes, built against newer headers than this server's $pn-byte struct, and sets a field this server does not know \(byte $((p1 + 16 + pn - p1)) is not zero\)" \
+    "plugin ./v1plugin-grown-set.so: its struct is $((p1 + 32)) bytes, built against newer headers than this server's $pn-byte struct, and sets a field this server does not know \(byte $((p1 + 16)) is not zero\)" \
     ./v1plugin-grown-set.so
 refused "a longer filter struct with a new field set: refused, naming both sizes" \
     "filter ./v1filter-grown-set.so: its struct is $((f1 + 32)) bytes, built against newer headers than this server's $fn-byte struct" \
