@@ -568,7 +568,9 @@ static struct nbdserve_plugin plugin = {
                  "recorded in the persistent bitmaps named by bitmap=, each offered as the "
                  "context qemu:dirty-bitmap:NAME for incremental backups; qemu:allocation-depth "
                  "is 1 for the overlay and 2 or more for the base.  qemu-img can check, inspect "
-                 "and commit the overlay.",
+                 "and commit the overlay.  With --control, the commands "
+                 "dirty-bitmap-overlay.checkpoint name=NEW, .checkpoints and .release name=NEW "
+                 "freeze an instant as the read-only export @NEW while writers go on.",
   .config_help = "overlay=PATH       the qcow2 overlay (the magic key); created if missing\n"
                  "base=PATH          the base (raw or qcow2); needed to create an overlay over one\n"
                  "bitmap=NAME        a bitmap to record and serve, created if absent (repeatable)\n"
