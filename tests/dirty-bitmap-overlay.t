@@ -34,15 +34,15 @@ sys.dont_write_bytecode = True
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "lib"))
 import nbdtest
 from nbdtest import nbd
-from overlaytest import (Model, bitmaps_in_file, check_clean, check_no_errors, dirty_set, image_info,
-                         merge, nbdinfo_map, qemu_dirty_map, read_all, refused, run, same_bytes, serve)
+from overlaytest import (Model, bitmaps_in_file, check_clean, check_no_errors, image_info, nbdinfo_map,
+                         qemu_dirty_map, read_all, refused, run, same_bytes, serve, set_in_use)
 
 for tool in ("qemu-img", "qemu-nbd", "nbdinfo", "nbdcopy"):
     if shutil.which(tool, path="/usr/bin:/bin") is None:
         print("1..0 # SKIP %s is not installed" % tool)
         sys.exit(0)
 
-t = nbdtest.Test(plan=104, watchdog=600 if nbdtest.SANITIZED else 240)
+t = nbdtest.Test(plan=114, watchdog=600 if nbdtest.SANITIZED else 240)
 tmp = t.tmp
 random.seed(16)
 K, M = 1024, 1024 * 1024
@@ -344,7 +344,9 @@ p = run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, qbase])
 qbase_sum = sha256(qbase)
 ov2 = os.path.join(tmp, "ov2.qcow2")
 m = Model(qbase_bytes, round512(base_size), C, {"b1": 16 * K})
-uri, sock = serve(t, "b", ov2, "base=" + qbase, "cluster-size=4K", "granularity=16K", "bitmap=b1")
+# A small metadata cache for the base: its L2 tables are read again and again.
+uri, sock = serve(t, "b", ov2, "base=" + qbase, "cluster-size=4K", "granularity=16K", "bitmap=b1",
+                  "l2-cache-size=64K")
 h = t.connect(uri)
 t.is_(h.get_size(), m.size, "over a qcow2 base: the base's size")
 scripted(h, m)
@@ -413,11 +415,44 @@ def writer(h, mine):
         errors.append(str(e))
 
 
+# A fifth connection reads, while they write, what nobody writes: it
+# must read as the base all along, even in clusters being allocated.
+untouched = []
+pos = 0
+for kind, off, n, data in sorted(pieces, key=lambda p: p[1]):
+    if off > pos:
+        untouched.append((pos, off - pos))
+    pos = off + n
+reader_handle = t.connect(uri)
+stop_reading = threading.Event()
+reader_bad = []
+reads_done = [0]
+
+
+def reader():
+    try:
+        while not stop_reading.is_set():
+            off, n = random.choice(untouched)
+            if reader_handle.pread(n, off) != pbase_bytes[off:off + n]:
+                reader_bad.append((off, n))
+            reads_done[0] += 1
+    except nbd.Error as e:
+        reader_bad.append(str(e))
+
+
 threads = [threading.Thread(target=writer, args=(handles[i], pieces[i::4])) for i in range(4)]
+rth = threading.Thread(target=reader)
+rth.start()
 for th in threads:
     th.start()
 for th in threads:
     th.join()
+stop_reading.set()
+rth.join()
+t.ok(not reader_bad and reads_done[0] > 0,
+     "a fifth connection reading the untouched parts meanwhile sees the base (%d reads)" % reads_done[0])
+if reader_bad:
+    t.diag("wrong reads: %s" % reader_bad[:10])
 for kind, off, n, data in pieces:
     if kind == "write":
         m.apply_write(off, data)
@@ -426,7 +461,7 @@ for kind, off, n, data in pieces:
 t.is_(errors, [], "4 connections: %d requests in parallel, 16 in flight each, without error" % len(pieces))
 same_disk(handles[1], m, "... and the disk holds every one of them")
 maps_agree(uri, m, ["b1"], "4 connections")
-for h in handles:
+for h in handles + [reader_handle]:
     h.shutdown()
 t.is_(t.stop(), 0, "the server stops cleanly")
 check_clean(t, ov3, "qemu-img check after the parallel writes: no errors, no leaks")
@@ -495,6 +530,107 @@ uri, sock = serve(t, "lock", solo, "bitmap=d")
 rc, err = refused("overlay=" + solo, "bitmap=d")
 t.ok(rc == 1 and "in use" in err, "a second server on the same overlay is refused (it is locked)")
 t.stop()
+# =========================================================================
+# Overlays made by qemu; bitmaps left by others; tiny clusters.
+# =========================================================================
+# qemu-img's overlay over the raw base, written by qemu-io, with a bitmap
+# b0 that the server is not told about: kept in the file, untouched.
+qov = os.path.join(tmp, "qemu-made.qcow2")
+for args in (["qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", qov],
+             ["qemu-img", "bitmap", "--add", qov, "b0"],
+             ["qemu-io", "-f", "qcow2", "-c", "write -P 5 100K 200K", "-c", "write -z 1M 128K", qov]):
+    p = run(args)
+    if p.returncode:
+        t.diag(" ".join(args) + ": " + p.stderr)
+m = Model(base_bytes, round512(base_size), 64 * K, {"b0": 64 * K, "b1": 64 * K})
+m.apply_write(100 * K, b"\x05" * (200 * K))
+m.apply_zero(1 * M, 128 * K)
+m.clear("b1")
+rc, err = refused("overlay=" + qov, "base=" + os.path.join(tmp, "pbase.raw"), "bitmap=b1")
+t.ok(rc == 1 and "not of base=" in err, "base= naming another file than the overlay's backing file: refused")
+uri, sock = serve(t, "qm", qov, "base=" + base, "bitmap=b1")
+h = t.connect(uri)
+t.is_(list_contexts(uri, "qemu:dirty-bitmap:"), ["qemu:dirty-bitmap:b1"], "an overlay made by qemu-img: b0, not named, is not served")
+same_disk(h, m, "... and reads as qemu-io wrote it")
+b0_bits = set(m.dirty["b0"])
+m.write(h, 150 * K, random.randbytes(100 * K))
+m.zero(h, 1 * M + 64 * K, 64 * K)
+m.trim(h, 2 * M, 256 * K)
+m.write(h, 5 * M + 1, random.randbytes(3))
+m.dirty["b0"] = b0_bits  # b0 records nothing here
+same_disk(h, m, "... and as written since")
+maps_agree(uri, m, ["b1"], "an overlay made by qemu-img")
+h.shutdown()
+t.is_(t.stop(), 0, "the server stops cleanly")
+check_clean(t, qov, "qemu-img check of the qemu-made overlay: no errors, no leaks")
+run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", qov, os.path.join(tmp, "conv-qm.raw")])
+same_file(os.path.join(tmp, "conv-qm.raw"), m, "... qemu-img convert equals the model")
+shutil.copyfile(qov, os.path.join(tmp, "qm2.qcow2"))
+q = qemu_nbd("qm2", "-f", "qcow2", "-B", "b0", "-B", "b1", os.path.join(tmp, "qm2.qcow2"))
+t.is_(nbdinfo_map(q, "qemu:dirty-bitmap:b0"), m.map("b0"),
+      "qemu-nbd -B b0: b0 is still in the file, as qemu-io left it")
+maps_agree(q, m, ["b1"], "qemu-nbd -B b1 on the qemu-made overlay")
+t.stop()
+
+# A bitmap in use by another program (qemu killed while running the
+# image) cannot be trusted: refused; clear= starts it anew.
+inuse = os.path.join(tmp, "inuse.qcow2")
+shutil.copyfile(qov, inuse)
+set_in_use(inuse, "b1")
+rc, err = refused("overlay=" + inuse, "bitmap=b1")
+t.ok(rc == 1 and "b1" in err and "in use" in err, "a bitmap left in use by another program: refused, saying so")
+rc, err = refused("overlay=" + inuse, "clear=b1")
+t.is_(rc, 0, "... and clear=b1 starts it anew")
+check_clean(t, inuse, "... leaving a clean image")
+
+# An overlay with compressed clusters (qemu-img convert -c): they read;
+# a write onto one fails with ENOTSUP, as documented; others work.
+comp = os.path.join(tmp, "comp.qcow2")
+run(["qemu-img", "convert", "-c", "-f", "qcow2", "-O", "qcow2", "-B", base, "-F", "raw", qov, comp])
+m = Model(open(os.path.join(tmp, "conv-qm.raw"), "rb").read(), round512(base_size), 64 * K, {"b1": 64 * K})
+uri, sock = serve(t, "comp", comp, "bitmap=b1")
+h = t.connect(uri)
+same_disk(h, m, "compressed clusters read as qemu wrote them")
+t.is_(nbdtest.errno_of(lambda: h.pwrite(b"x", 100 * K)), "ENOTSUP", "a write onto a compressed cluster: ENOTSUP")
+m.write(h, 6 * M, random.randbytes(1000))
+same_bytes(t, h.pread(1000, 6 * M), bytes(m.data[6 * M:6 * M + 1000]), "... a write elsewhere works")
+h.shutdown()
+t.stop()
+check_no_errors(t, comp, "... and qemu-img check finds no errors")
+
+# 512-byte clusters and granules: many refcount blocks, and the bitmap's
+# data spans several clusters (one holds 4096 granules: 2M).
+tiny = os.path.join(tmp, "tiny.qcow2")
+uri, sock = serve(t, "tiny", tiny, "size=5M", "cluster-size=512", "granularity=512", "bitmap=f")
+h = t.connect(uri)
+m = Model(b"", 5 * M, 512, {"f": 512})
+for _ in range(300):
+    off = random.randrange(m.size)
+    n = random.randint(1, min(20000, m.size - off))
+    r = random.random()
+    if r < 0.7:
+        m.write(h, off, random.randbytes(n))
+    elif r < 0.85:
+        m.zero(h, off, n, may_trim=r < 0.8)
+    else:
+        m.trim(h, off, n)
+m.write(h, 2 * M - 700, random.randbytes(1400))
+same_disk(h, m, "512-byte clusters: reads equal the model after 300 random requests")
+maps_agree(uri, m, ["f"], "512-byte granules")
+t.ok(h.pread(512, 0) is not None and nbdtest.errno_of(lambda: h.zero(1000, 100, nbd.CMD_FLAG_FAST_ZERO)) == "ENOTSUP",
+     "a fast zero of part of a cluster: ENOTSUP")
+h.zero(4096, 8192, nbd.CMD_FLAG_FAST_ZERO)
+m.apply_zero(8192, 4096)
+same_disk(h, m, "... a fast zero of whole clusters works")
+h.shutdown()
+t.is_(t.stop(), 0, "the server stops cleanly")
+check_clean(t, tiny, "qemu-img check: no errors, no leaks")
+run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", tiny, os.path.join(tmp, "tiny.raw")])
+same_file(os.path.join(tmp, "tiny.raw"), m, "qemu-img convert equals the model")
+uri, sock = serve(t, "tiny2", tiny, "bitmap=f")
+maps_agree(uri, m, ["f"], "512-byte granules after a restart")
+t.stop()
+
 p = run([nbdtest.NBDSERVE, "--dump-plugin", "dirty-bitmap-overlay", "overlay=" + ov])
 lines = p.stdout.splitlines()
 t.is_(sorted(l for l in lines if l.startswith("overlay_bitmap=")),

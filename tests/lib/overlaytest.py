@@ -219,3 +219,33 @@ def serve(t, name, overlay, *params):
     """Start the plugin on OVERLAY; returns (uri, socket path)."""
     uri = t.server(name, PLUGIN, "overlay=" + overlay, *params)
     return uri, t.last_server.sock
+
+
+def set_in_use(path, name):
+    """Sets the in-use flag of bitmap NAME in the qcow2 file's bitmap
+    directory, as a qemu killed while running the image leaves it."""
+    import struct
+    with open(path, "r+b") as f:
+        header = f.read(104)
+        pos = struct.unpack(">I", header[100:104])[0]  # header_length: the extensions follow
+        while True:
+            f.seek(pos)
+            kind, length = struct.unpack(">II", f.read(8))
+            if kind == 0:
+                raise ValueError("%s has no bitmaps extension" % path)
+            if kind == 0x23852875:
+                count, _, dir_size, dir_offset = struct.unpack(">IIQQ", f.read(24))
+                break
+            pos += 8 + (length + 7) // 8 * 8
+        f.seek(dir_offset)
+        directory = f.read(dir_size)
+        p = 0
+        for _ in range(count):
+            flags, = struct.unpack(">I", directory[p + 12:p + 16])
+            name_len, extra = struct.unpack(">HI", directory[p + 18:p + 24])
+            if directory[p + 24 + extra:p + 24 + extra + name_len] == name.encode():
+                f.seek(dir_offset + p + 12)
+                f.write(struct.pack(">I", flags | 1))
+                return
+            p += (24 + extra + name_len + 7) // 8 * 8
+    raise ValueError("%s has no bitmap %s" % (path, name))
