@@ -19,30 +19,34 @@ from nbdtest import nbd
 from overlaytest import (bitmaps_in_file, check_clean, check_no_errors, dirty_set, nbdinfo_map, read_all,
                          same_bytes, serve)
 
-ROUNDS = 3
-t = nbdtest.Test(plan=3 + 6 * ROUNDS, watchdog=600 if nbdtest.SANITIZED else 240)
+# (overlay, its creation parameters, the bitmap's granularity, rounds):
+# 64K clusters keep the disk in one L2 table; 4K clusters need sixteen,
+# made (and their L1 entries written) while the writer runs.
+K, M = 1024, 1024 * 1024
+OVERLAYS = [("ov64.qcow2", [], 64 * K, 3),
+            ("ov4.qcow2", ["cluster-size=4K", "granularity=16K"], 16 * K, 2)]
+t = nbdtest.Test(plan=sum(3 + 6 * rounds for *_, rounds in OVERLAYS),
+                 watchdog=600 if nbdtest.SANITIZED else 240)
 tmp = t.tmp
 random.seed(9)
-K, M = 1024, 1024 * 1024
-C = 64 * K             # clusters and granules
 SLOT = 4 * K           # each request stays inside one slot, so inside one cluster
-SIZE = 32 * M
+SIZE = 16 * M
 
 # The base: random data with a hole.
 data = bytearray(random.randbytes(SIZE))
-data[8 * M:12 * M] = bytes(4 * M)
+data[4 * M:6 * M] = bytes(2 * M)
 base = os.path.join(tmp, "base.raw")
 with open(base, "wb") as f:
     f.truncate(SIZE)
-    f.write(data[:8 * M])
-    f.seek(12 * M)
-    f.write(data[12 * M:])
-ov = os.path.join(tmp, "ov.qcow2")
+    f.write(data[:4 * M])
+    f.seek(6 * M)
+    f.write(data[6 * M:])
 
-disk = bytearray(data)          # what the disk must read as, where known
-free_slots = list(range(SIZE // SLOT))
-random.shuffle(free_slots)
+# Per overlay:
+disk = None                     # what the disk must read as, where known
+free_slots = []                 # slots never written yet
 must_be_dirty = set()           # granules that every later map must show dirty
+G = 0                           # the bitmap's granularity
 
 
 class Request:
@@ -102,7 +106,7 @@ def crash_round(number, h, pid, kill_after):
             h.poll(-1)
     except nbd.Error:
         pass  # the connection died with the server
-    t.diag("round %d: %d requests sent, %d acknowledged, %d durable, %d flushes sent, killed with %d in flight"
+    t.diag("%s: %d requests sent, %d acknowledged, %d durable, %d flushes sent, killed with %d in flight"
            % (number, len(requests), len(completed), len(durable), flushes,
               len(requests) - len(completed)))
     return requests, {r for r in requests if id(r) in durable}
@@ -122,41 +126,49 @@ def check_after(number, uri, requests, durable):
         elif req.old != req.payload:
             seen["new" if got == req.payload else "old"] += 1
         if got == req.payload and got != req.old or req.acked:
-            must_be_dirty.update(range(req.offset // C, (req.offset + len(req.payload) + C - 1) // C))
+            must_be_dirty.update(range(req.offset // G, (req.offset + len(req.payload) + G - 1) // G))
         disk[req.offset:req.offset + len(req.payload)] = got
-    t.diag("round %d: of the requests not covered by a flush, %d read as written, %d as before"
+    t.diag("%s: of the requests not covered by a flush, %d read as written, %d as before"
            % (number, seen["new"], seen["old"]))
-    t.ok(not lost, "round %d: every write acknowledged before a completed flush is there (%d)"
+    t.ok(not lost, "%s: every write acknowledged before a completed flush is there (%d)"
          % (number, len(durable)))
     for req in lost[:5]:
         t.diag("lost: %s at %d, %d bytes" % (req.kind, req.offset, len(req.payload)))
-    t.ok(not wrong, "round %d: every other request reads either as before or as written" % number)
+    t.ok(not wrong, "%s: every other request reads either as before or as written" % number)
     for req in wrong[:5]:
         t.diag("neither old nor new: %s at %d, %d bytes" % (req.kind, req.offset, len(req.payload)))
-    same_bytes(t, read_all(h, SIZE), bytes(disk), "round %d: nothing else on the disk changed" % number)
+    same_bytes(t, read_all(h, SIZE), bytes(disk), "%s: nothing else on the disk changed" % number)
     runs = nbdinfo_map(uri, "qemu:dirty-bitmap:b1")
-    missing = must_be_dirty - dirty_set(runs, C) if isinstance(runs, list) else runs
-    if not t.ok(not missing, "round %d: every granule written (%d) is dirty in b1"
+    missing = must_be_dirty - dirty_set(runs, G) if isinstance(runs, list) else runs
+    if not t.ok(not missing, "%s: every granule written (%d) is dirty in b1"
                 % (number, len(must_be_dirty))):
         t.diag("not dirty: %s" % (sorted(missing)[:20] if isinstance(missing, set) else missing))
     h.shutdown()
 
 
-uri, sock = serve(t, "s0", ov, "base=" + base, "bitmap=b1")
-for number in range(1, ROUNDS + 1):
-    h = t.connect(uri)
-    requests, durable = crash_round(number, h, t.last_server.pid, random.randint(300, 900))
-    del h
-    t.stop(sig=signal.SIGKILL)
-    report = check_no_errors(t, ov, "round %d: after kill -9, qemu-img check finds no errors" % number)
-    if isinstance(report, dict):
-        t.diag("round %d: qemu-img check: %d leaked clusters" % (number, report.get("leaks", 0)))
-    uri, sock = serve(t, "s%d" % number, ov, "bitmap=b1")
-    t.ok("not closed cleanly" in t.log("s%d" % number), "round %d: the restart recovers the overlay" % number)
-    check_after(number, uri, requests, durable)
-
-t.is_(t.stop(), 0, "the last server stops cleanly")
-check_no_errors(t, ov, "qemu-img check after the last clean stop: no errors")
-t.ok("in-use" not in bitmaps_in_file(ov).get("b1", (0, ("missing",)))[1],
-     "b1 is no longer in use after the clean stop")
+for name, params, G, rounds in OVERLAYS:
+    ov = os.path.join(tmp, name)
+    disk = bytearray(data)
+    free_slots = list(range(SIZE // SLOT))
+    random.shuffle(free_slots)
+    must_be_dirty = set()
+    label = name.split(".")[0]
+    uri, sock = serve(t, label + "-0", ov, "base=" + base, "bitmap=b1", *params)
+    for i in range(1, rounds + 1):
+        number = "%s round %d" % (label, i)
+        h = t.connect(uri)
+        requests, durable = crash_round(number, h, t.last_server.pid, random.randint(300, 900))
+        del h
+        t.stop(sig=signal.SIGKILL)
+        report = check_no_errors(t, ov, "%s: after kill -9, qemu-img check finds no errors" % number)
+        if isinstance(report, dict):
+            t.diag("%s: qemu-img check: %d leaked clusters" % (number, report.get("leaks", 0)))
+        server = "%s-%d" % (label, i)
+        uri, sock = serve(t, server, ov, "bitmap=b1")
+        t.ok("not closed cleanly" in t.log(server), "%s: the restart recovers the overlay" % number)
+        check_after(number, uri, requests, durable)
+    t.is_(t.stop(), 0, "%s: the last server stops cleanly" % label)
+    check_no_errors(t, ov, "%s: qemu-img check after the last clean stop: no errors" % label)
+    t.ok("in-use" not in bitmaps_in_file(ov).get("b1", (0, ("missing",)))[1],
+         "%s: b1 is no longer in use after the clean stop" % label)
 t.finish()

@@ -66,13 +66,13 @@ class Model:
         h.pwrite(buf, offset, flags)
         self.apply_write(offset, buf)
 
-    def zero(self, h, offset, count, may_trim=False):
+    def zero(self, h, offset, count, may_trim=False, flags=0):
         # NBD's zero may punch holes unless NO_HOLE forbids it.
-        h.zero(count, offset, 0 if may_trim else nbd.CMD_FLAG_NO_HOLE)
+        h.zero(count, offset, flags | (0 if may_trim else nbd.CMD_FLAG_NO_HOLE))
         self.apply_zero(offset, count)
 
-    def trim(self, h, offset, count):
-        h.trim(count, offset)
+    def trim(self, h, offset, count, flags=0):
+        h.trim(count, offset, flags)
         self.apply_trim(offset, count)
 
     # ---- expectations ----
