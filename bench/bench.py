@@ -88,10 +88,11 @@ class Server:
     """One server process serving BACKEND (memory, file, or one of the
     QCOW2_IMAGES) over a Unix socket or TCP, optionally with TLS-PSK."""
 
-    def __init__(self, work, kind, backend, tcp=False, tls=False, loops=None, size=SIZE):
+    def __init__(self, work, kind, backend, tcp=False, tls=False, loops=None, size=SIZE, control=False):
         self.kind, self.backend, self.tcp, self.tls = kind, backend, tcp, tls
         self.size = size  # of a memory or file disk; a qcow2 image has SIZE
         self.loops = loops  # nbdserve's --loops; None leaves its default
+        self.control = os.path.join(work, "ctl") if control else None  # nbdserve's --control
         self.work = work
         self.sock = os.path.join(work, "%s.sock" % kind)
         self.port = free_port() if tcp else None
@@ -112,6 +113,8 @@ class Server:
             cmd = [NBDSERVE, "-f"]
             if self.loops is not None:
                 cmd.append("--loops=%d" % self.loops)
+            if self.control:
+                cmd.append("--control=" + self.control)
             cmd += ["-i", "127.0.0.1", "-p", str(self.port)] if self.tcp else ["-U", self.sock]
             if self.tls:
                 cmd += ["--tls=require", "--tls-psk=" + psk_file(self.work)]
@@ -478,6 +481,38 @@ def qd1(server, work):
     return {"qd1-p50": clat["50.000000"] / 1000.0, "qd1-p99": clat["99.000000"] / 1000.0}
 
 
+def overlay_checkpoints(server, work):
+    """4K random writes into the overlay, first alone, then with a
+    checkpoint taken (and the previous one released) every second: the
+    writes' p99 latency both ways, and the longest time a checkpoint held
+    the writes (nbdserve-ctl's writes-held-us)."""
+    import threading
+    ctl = os.path.join(TOP, "nbdserve-ctl")
+    plain = fio(server, "randwrite", 32)["clat_ns"]["percentile"]["99.000000"] / 1000.0
+    held, stop = [], threading.Event()
+
+    def checkpoints():
+        n = 0
+        while not stop.wait(1.0):
+            out = run([ctl, server.control, "dirty-bitmap-overlay.checkpoint", "name=k%d" % n])
+            held.extend(int(l.split("=")[1]) for l in out.splitlines() if l.startswith("writes-held-us="))
+            if n > 0:
+                run([ctl, server.control, "dirty-bitmap-overlay.release", "name=k%d" % (n - 1)])
+            n += 1
+
+    taker = threading.Thread(target=checkpoints)
+    taker.start()
+    try:
+        during = fio(server, "randwrite", 32)["clat_ns"]["percentile"]["99.000000"] / 1000.0
+    finally:
+        stop.set()
+        taker.join()
+    values = {"overlay-write-p99": plain, "overlay-ckpt-write-p99": during}
+    if held:
+        values["overlay-ckpt-held"] = max(held) / 1000.0
+    return values
+
+
 def tls_multi_conn(server, work):
     """The 4-connection TLS read; for nbdserve also the CPU time each
     connection loop thread spent during the copy alone (not the fill),
@@ -536,6 +571,8 @@ MEASUREMENTS = [
      lambda s, w: {"overlay-seq-write": seq_write(s, w)}),
     ("overlay-randwrite", dict(backend="overlay"),
      lambda s, w: rand_iops(s, w, "randwrite", "overlay-randwrite")),
+    ("overlay-checkpoints", dict(backend="overlay", control=True), overlay_checkpoints,
+     [("nbdserve", "nbdserve", {})]),
     # nbdserve alone at one loop and at one per CPU, alternated like the
     # servers of the other rows: the 4th element lists the variants run
     # (the name of the column, then options for Server).
@@ -591,10 +628,16 @@ ROWS = [
      "IOPS", True),
     ("overlay-randwrite-cpu", "... server CPU time per write", "µs", False, 0.8,
      "file-randwrite-cpu"),
+    # Live checkpoints (nbdserve alone): the goal is a p99 no worse than 2x.
+    ("overlay-write-p99", "4K random write latency QD32, p99 (qcow2 overlay)", "µs", False),
+    ("overlay-ckpt-write-p99", "... with a checkpoint (and a release) each second", "µs", False, 0.5,
+     "overlay-write-p99"),
+    ("overlay-ckpt-held", "... longest time a checkpoint held the writes", "ms", False),
 ]
 # Rows whose measurement no nbdkit can serve: their nbdkit cell says so.
 NO_NBDKIT = {"qcow2-read", "qcow2-zstd-read", "qcow2-randread", "qcow2-randread-cpu"}
-NO_NBDKIT_WRITER = {"overlay-seq-write", "overlay-randwrite", "overlay-randwrite-cpu"}
+NO_NBDKIT_WRITER = {"overlay-seq-write", "overlay-randwrite", "overlay-randwrite-cpu", "overlay-write-p99",
+                    "overlay-ckpt-write-p99", "overlay-ckpt-held"}
 
 # The --loops scaling table: nbdserve alone, the ratio is --loops=N / --loops=1.
 SCALING_ROWS = [
