@@ -19,6 +19,9 @@
 #     does not match, a missing overlay, files that are not usable
 #     overlays, a second server; --dump-plugin lists the bitmaps;
 #  9. four connections writing disjoint regions at once (multi-conn).
+# Two checks fail until the plugin is fixed (each says BUG where it is):
+# a bitmap not named at the recovering start is refused afterwards, and
+# write/trim cycles without a flush exhaust the refcount table.
 # The crash of a server in the middle of a writer is tests/overlay-crash.t.
 import hashlib
 import os
@@ -121,6 +124,27 @@ def random_reads(h, m, n=150):
         off = random.randrange(m.size)
         count = random.randint(1, min(m.size - off, 3 * m.cluster + 777))
         if h.pread(count, off) != bytes(m.data[off:off + count]):
+            bad += 1
+    return bad
+
+
+def block_status_from(h, m, name, n=60):
+    """BLOCK_STATUS at unaligned offsets: the first extent starts there,
+    and every byte of it has the state it reports.  How many do not."""
+    bad = 0
+    g = m.granularity[name]
+    context = "qemu:dirty-bitmap:" + name
+    for _ in range(n):
+        off = random.randrange(m.size)
+        got = []
+        h.block_status(min(m.size - off, 4 * M), off,
+                       lambda ctx, start, ents, err: got.append((ctx, start, ents[0], ents[1])) or 0)
+        if len(got) != 1 or got[0][0] != context or got[0][1] != off:
+            bad += 1
+            continue
+        length, flags = got[0][2], got[0][3]
+        granules = range(off // g, (off + length - 1) // g + 1)
+        if length == 0 or off + length > m.size or any((i in m.dirty[name]) != bool(flags & 1) for i in granules):
             bad += 1
     return bad
 
@@ -232,27 +256,6 @@ same_disk(h, m, "raw base, 64K clusters: the disk reads as the base with the req
 t.is_(random_reads(h, m), 0, "... and so do 150 unaligned reads")
 maps_agree(uri, m, ["b1", "b2"], "raw base")
 t.is_(qemu_dirty_map(sock, "b1"), m.map("b1"), "qemu-img map with x-dirty-bitmap=qemu:dirty-bitmap:b1 agrees")
-
-
-def block_status_from(h, m, name, n=60):
-    """BLOCK_STATUS at unaligned offsets: the first extent starts there,
-    and every byte of it has the state it reports.  How many do not."""
-    bad = 0
-    g = m.granularity[name]
-    context = "qemu:dirty-bitmap:" + name
-    for _ in range(n):
-        off = random.randrange(m.size)
-        got = []
-        h.block_status(min(m.size - off, 4 * M), off,
-                       lambda ctx, start, ents, err: got.append((ctx, start, ents[0], ents[1])) or 0)
-        if len(got) != 1 or got[0][0] != context or got[0][1] != off:
-            bad += 1
-            continue
-        length, flags = got[0][2], got[0][3]
-        granules = range(off // g, (off + length - 1) // g + 1)
-        if length == 0 or off + length > m.size or any((i in m.dirty[name]) != bool(flags & 1) for i in granules):
-            bad += 1
-    return bad
 
 
 hb = t.connect(uri, ["qemu:dirty-bitmap:b2"])
