@@ -19,6 +19,9 @@
 #     does not match, a missing overlay, files that are not usable
 #     overlays, a second server; --dump-plugin lists the bitmaps;
 #  9. four connections writing disjoint regions at once (multi-conn).
+# Two checks fail until the plugin is fixed (each says BUG where it is):
+# a bitmap not named at the recovering start is refused afterwards, and
+# write/trim cycles without a flush exhaust the refcount table.
 # The crash of a server in the middle of a writer is tests/overlay-crash.t.
 import hashlib
 import os
@@ -42,7 +45,7 @@ for tool in ("qemu-img", "qemu-nbd", "nbdinfo", "nbdcopy"):
         print("1..0 # SKIP %s is not installed" % tool)
         sys.exit(0)
 
-t = nbdtest.Test(plan=125, watchdog=600 if nbdtest.SANITIZED else 240)
+t = nbdtest.Test(plan=127, watchdog=600 if nbdtest.SANITIZED else 240)
 tmp = t.tmp
 random.seed(16)
 K, M = 1024, 1024 * 1024
@@ -121,6 +124,27 @@ def random_reads(h, m, n=150):
         off = random.randrange(m.size)
         count = random.randint(1, min(m.size - off, 3 * m.cluster + 777))
         if h.pread(count, off) != bytes(m.data[off:off + count]):
+            bad += 1
+    return bad
+
+
+def block_status_from(h, m, name, n=60):
+    """BLOCK_STATUS at unaligned offsets: the first extent starts there,
+    and every byte of it has the state it reports.  How many do not."""
+    bad = 0
+    g = m.granularity[name]
+    context = "qemu:dirty-bitmap:" + name
+    for _ in range(n):
+        off = random.randrange(m.size)
+        got = []
+        h.block_status(min(m.size - off, 4 * M), off,
+                       lambda ctx, start, ents, err: got.append((ctx, start, ents[0], ents[1])) or 0)
+        if len(got) != 1 or got[0][0] != context or got[0][1] != off:
+            bad += 1
+            continue
+        length, flags = got[0][2], got[0][3]
+        granules = range(off // g, (off + length - 1) // g + 1)
+        if length == 0 or off + length > m.size or any((i in m.dirty[name]) != bool(flags & 1) for i in granules):
             bad += 1
     return bad
 
@@ -234,27 +258,6 @@ maps_agree(uri, m, ["b1", "b2"], "raw base")
 t.is_(qemu_dirty_map(sock, "b1"), m.map("b1"), "qemu-img map with x-dirty-bitmap=qemu:dirty-bitmap:b1 agrees")
 
 
-def block_status_from(h, m, name, n=60):
-    """BLOCK_STATUS at unaligned offsets: the first extent starts there,
-    and every byte of it has the state it reports.  How many do not."""
-    bad = 0
-    g = m.granularity[name]
-    context = "qemu:dirty-bitmap:" + name
-    for _ in range(n):
-        off = random.randrange(m.size)
-        got = []
-        h.block_status(min(m.size - off, 4 * M), off,
-                       lambda ctx, start, ents, err: got.append((ctx, start, ents[0], ents[1])) or 0)
-        if len(got) != 1 or got[0][0] != context or got[0][1] != off:
-            bad += 1
-            continue
-        length, flags = got[0][2], got[0][3]
-        granules = range(off // g, (off + length - 1) // g + 1)
-        if length == 0 or off + length > m.size or any((i in m.dirty[name]) != bool(flags & 1) for i in granules):
-            bad += 1
-    return bad
-
-
 hb = t.connect(uri, ["qemu:dirty-bitmap:b2"])
 t.is_(block_status_from(hb, m, "b2"), 0, "BLOCK_STATUS of b2 at 60 unaligned offsets: each first extent is right")
 hb.shutdown()
@@ -362,6 +365,28 @@ check_no_errors(t, ov, "qemu-img check: no errors after the recovered crash and 
 run(["qemu-img", "check", "-q", "-r", "leaks", ov])
 check_clean(t, ov, "... and none at all after qemu-img check -r leaks")
 t.is_(sha256(base), base_sum, "the raw base never changed")
+
+# A bitmap not named at the restart that recovers a crash is still a
+# superset of its epoch's writes: a later start that names it again must
+# serve it, with the bits it had (BUG until fixed: the recovering start
+# clears the overlay's own marker but leaves b2 flagged in use, so the
+# next start takes b2 for one left by another program and refuses it).
+rec = os.path.join(tmp, "rec.qcow2")
+uri, sock = serve(t, "rec1", rec, "size=1M", "bitmap=b1", "bitmap=b2")
+h = t.connect(uri)
+h.pwrite(b"r" * 100, 70000)
+h.flush()
+t.stop(sig=signal.SIGKILL)
+rc, err = refused("overlay=" + rec, "bitmap=b1")
+rc2, err2 = refused("overlay=" + rec, "bitmap=b1", "bitmap=b2")
+if not t.ok(rc == 0 and rc2 == 0, "after a crash, a start naming only b1, then one naming b1 and b2: both start"):
+    t.diag("exit %d, then %d: %s" % (rc, rc2, err2.strip()))
+got = "b2 is refused"
+if rc2 == 0:
+    uri, sock = serve(t, "rec2", rec, "bitmap=b2")
+    got = nbdinfo_map(uri, "qemu:dirty-bitmap:b2")
+    t.stop()
+t.is_(got, [(0, 65536, 0), (65536, 65536, 1), (131072, M - 131072, 0)], "... and b2 still shows the write dirty")
 
 # =========================================================================
 # A qcow2 base, 4K clusters, 16K granules.

@@ -16,7 +16,7 @@ sys.dont_write_bytecode = True
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "lib"))
 import nbdtest
 from nbdtest import nbd
-from overlaytest import (bitmaps_in_file, check_clean, check_no_errors, dirty_set, nbdinfo_map, read_all,
+from overlaytest import (bitmaps_in_file, check_no_errors, dirty_set, nbdinfo_map, read_all,
                          same_bytes, serve)
 
 # (overlay, its creation parameters, the bitmap's granularity, rounds):

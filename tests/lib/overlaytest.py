@@ -85,10 +85,6 @@ class Model:
             runs.append((i * g, min(g, self.size - i * g), 1 if i in bits else 0))
         return merge(runs)
 
-    def dirty_ranges(self, name):
-        g = self.granularity[name]
-        return [(min(i * g, self.size), min(g, self.size - i * g)) for i in sorted(self.dirty[name])]
-
 
 def merge(runs):
     """Adjacent runs of equal value joined: servers may cut extents at
