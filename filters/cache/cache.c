@@ -840,15 +840,9 @@ static int cache_can_flush(struct nbdserve_next *next, void *handle)
 static int cache_can_fua(struct nbdserve_next *next, void *handle)
 {
   (void) handle;
-  int fua = nbdserve_next_can_fua(next);
-  if (mode == WRITETHROUGH || fua == -1)
-    return fua;
-  if (mode == UNSAFE)
-    return NBDSERVE_FUA_NATIVE;
-  int flush = nbdserve_next_can_flush(next);
-  if (flush == -1)
-    return -1;
-  return fua != NBDSERVE_FUA_NONE || flush ? NBDSERVE_FUA_NATIVE : NBDSERVE_FUA_NONE;
+  /* Writeback: FUA writes the request's blocks back (and flushes the
+   * layer below if it can), as FLUSH does for all of them. */
+  return mode == WRITETHROUGH ? nbdserve_next_can_fua(next) : NBDSERVE_FUA_NATIVE;
 }
 
 static int cache_can_cache(struct nbdserve_next *next, void *handle)
