@@ -568,8 +568,8 @@ static struct entry *entry_get(struct nbdserve_next *next, struct handle *h, uin
       e->dirty = false;
       e->freq = 0;
       e->pins = 1;
-      e->stamp = insertions;
-      __atomic_store_n(&insertions, insertions + 1, __ATOMIC_RELAXED);
+      e->stamp = insertions + 1; /* the count once this block is in */
+      __atomic_store_n(&insertions, e->stamp, __ATOMIC_RELAXED);
       if (ghost_take(d->id, block))
         fifo_push_newest(&mainq, e, Q_MAIN);
       else
