@@ -639,6 +639,55 @@ NO_NBDKIT = {"qcow2-read", "qcow2-zstd-read", "qcow2-randread", "qcow2-randread-
 NO_NBDKIT_WRITER = {"overlay-seq-write", "overlay-randwrite", "overlay-randwrite-cpu", "overlay-write-p99",
                     "overlay-ckpt-write-p99", "overlay-ckpt-held"}
 
+
+# ---- The cache filter (issue 17): hits against the plain memory plugin ---------------
+# 4K random reads at QD32 of a disk the cache holds whole, with the delay
+# filter under it (delay-read=10ms: a read that missed would show), and in
+# the same round the same reads of the memory plugin without the cache.
+# nbdserve alone: the goal is 0.8x its own uncached row.
+class CacheOverDelayServer(Server):
+    """nbdserve --filter=cache --filter=delay memory SIZE delay-read=10ms,
+    with room in the cache for the whole disk."""
+
+    def __init__(self, work, size):
+        super().__init__(work, "nbdserve", "memory", size=size)
+        self.sock = os.path.join(work, "cache-over-delay.sock")
+
+    def command(self):
+        cmd = super().command()
+        plugin = cmd.index("memory")
+        return (cmd[:plugin] + ["--filter=cache", "--filter=delay"] + cmd[plugin:] +
+                ["delay-read=10ms", "cache-max-size=%d" % (self.size + (64 << 20))])
+
+
+def cache_hits(server, work):
+    figures = rand_iops(server, work, "randread", "cache-hits-memory")
+    cached = CacheOverDelayServer(work, server.size).start()
+    try:
+        fill(cached, work)  # the writes land in the cache, whole blocks
+        copy_out(cached, 1)  # and a full read finds every one of them there
+        before = cached.cpu_seconds()
+        result = fio(cached, "randread", 32)
+        cpu = cached.cpu_seconds() - before
+    finally:
+        cached.stop()
+    figures["cache-hits"] = result["iops"]
+    figures["cache-hits-cpu"] = cpu / max(result["total_ios"], 1) * 1e6
+    return figures
+
+
+MEASUREMENTS.append(("cache-hits", dict(backend="memory"), cache_hits,
+                     [("nbdserve", "nbdserve", {})]))
+ROWS.extend([
+    ("cache-hits", "4K random read, QD32, every read a cache hit (cache over delay over memory)",
+     "IOPS", True, 0.8, "cache-hits-memory"),
+    ("cache-hits-cpu", "... server CPU time per hit", "µs", False),
+    ("cache-hits-memory", "... the same reads of the memory plugin without the cache", "IOPS",
+     True),
+    ("cache-hits-memory-cpu", "... server CPU time per read", "µs", False),
+])
+# ---- end of the cache filter's rows ---------------------------------------------------
+
 # The --loops scaling table: nbdserve alone, the ratio is --loops=N / --loops=1.
 SCALING_ROWS = [
     ("loops-read", "sequential read, 4 connections (memory)", "MB/s"),
