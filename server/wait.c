@@ -147,6 +147,21 @@ void wait_begin_request(struct request *req)
   running.ask = ASK_NONE;
 }
 
+/* Any thread: the one running REQ. */
+void wait_withdraw(struct request *req, uint32_t waited_before)
+{
+  struct nbdserve_waiter *w = running.waiter;
+  running.ask = ASK_NONE;
+  running.waiter = NULL;
+  req->waited_layers = waited_before;
+  if (w) {
+    pthread_mutex_lock(&waiters_lock);
+    w->state = WAITER_DONE; /* its waker finds it done */
+    waiter_release(w);
+    pthread_mutex_unlock(&waiters_lock);
+  }
+}
+
 /* Finishing a callback that asked to wait.  Returns true if the request
  * is parked (the caller must not reply).  Any thread. */
 bool wait_end_request(struct request *req, bool asked)
