@@ -63,7 +63,10 @@ struct request {
   bool park_on_timer; /* what it waits for: a timer (or a waker) */
   uint64_t park_ns;
   struct nbdserve_waiter *parked_waiter; /* waiting for this waker (waiters_lock) */
-  struct request *next_woken; /* conn->to_park or conn->woken (conn->lock) */
+  /* In conn->to_park and in conn->woken (conn->lock).  Two links: a
+   * waker may come before the loop has taken the request off to_park,
+   * and then it is on both lists at once. */
+  struct request *next_park, *next_woken;
   struct request *prev_waiting, *next_waiting; /* conn->waiting_list (loop thread) */
   ev_timer wait_timer;
 

@@ -387,9 +387,7 @@ static void lose_link(struct link *l)
   bool reconnect = l->state == LINK_RECONNECTING;
   pthread_mutex_unlock(&l->lock);
   if (old) {
-    const char *err = nbd_get_error();
-    nbdserve_error("nbd: connection %u to the backend lost%s%s%s", l->index,
-                   err && *err ? ": " : "", err && *err ? err : "",
+    nbdserve_error("nbd: connection %u to the backend lost%s", l->index,
                    reconnect ? "; reconnecting" : "; requests fail from now on");
     nbd_close(old);
   }
