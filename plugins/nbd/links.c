@@ -545,6 +545,7 @@ int links_start(void)
       return -1;
     links[i].state = LINK_UP;
   }
+  nbdserve_debug("nbd: %u connection%s to the backend", nlinks, nlinks == 1 ? "" : "s");
   for (unsigned i = 0; i < nlinks; i++) {
     int err = pthread_create(&links[i].reader, NULL, reader, &links[i]);
     if (err) {
