@@ -23,7 +23,7 @@ if not os.path.exists(os.path.join(nbdtest.TOP, "plugins", "nbd", "nbdserve-nbd-
     print("1..0 # SKIP the nbd plugin is not built")
     sys.exit(0)
 
-t = nbdtest.Test(plan=59, watchdog=400, filters=("delay",))
+t = nbdtest.Test(plan=60, watchdog=400, filters=("delay",))
 tmp = t.tmp
 MiB = 1 << 20
 
@@ -187,6 +187,26 @@ t.is_(out("nbdinfo", "--map", uri), out("nbdinfo", "--map", kit_uri),
 t.ok(same_caps(uri, kit_uri), "nbdkit backend: capabilities pass through")
 t.stop()
 t.stop(t.servers[-1])
+# Over TCP: hostname=, port=, export=.
+import socket as socketmod
+with socketmod.socket() as s_:
+    s_.bind(("127.0.0.1", 0))
+    port = s_.getsockname()[1]
+log = open(os.path.join(tmp, "kit-tcp.log"), "w")
+kp = subprocess.Popen(["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "memory", "16M"],
+                      stdout=log, stderr=log)
+kp.name, kp.sock = "kit-tcp", os.path.join(tmp, "none")
+t.servers.append(kp)
+for _ in range(200):
+    try:
+        socketmod.create_connection(("127.0.0.1", port), timeout=1).close()
+        break
+    except OSError:
+        time.sleep(0.05)
+uri = front("front-tcp", "hostname=127.0.0.1", "port=%d" % port, "export=disk1")
+round_trip(uri, 8 * MiB, "nbdkit over TCP (hostname=, port=, export=)")
+t.stop()
+t.stop(kp)
 
 # ---- 3. In front of qemu-nbd: raw, then qcow2 with a bitmap ------------------------
 raw = os.path.join(tmp, "disk.raw")
