@@ -108,6 +108,17 @@ def round_trip(uri, size, label):
     return src
 
 
+def check_proxy(name, param, back_uri, size, label):
+    """A front server with PARAM in front of BACK_URI: round trip, map and
+    capabilities as the backend's; the front is stopped afterwards."""
+    uri = front(name, param)
+    round_trip(uri, size, label)
+    t.is_(out("nbdinfo", "--map", uri), out("nbdinfo", "--map", back_uri),
+          "%s: nbdinfo --map through the proxy equals the backend's" % label)
+    t.ok(same_caps(uri, back_uri), "%s: capabilities pass through" % label)
+    t.stop()
+
+
 def deadline_wait(h, cookie, seconds):
     """Wait for an aio command, at most SECONDS; returns the errno name or 'ok'."""
     end = time.monotonic() + seconds
@@ -180,12 +191,7 @@ t.stop()  # back
 # ---- 2. In front of nbdkit's memory plugin --------------------------------------
 kit_sock = os.path.join(tmp, "kit.sock")
 kit_uri = backend("nbdkit", ["nbdkit", "-f", "-U", kit_sock, "memory", "64M"], kit_sock)
-uri = front("front-kit", "uri=" + kit_uri)
-round_trip(uri, 16 * MiB, "nbdkit memory backend")
-t.is_(out("nbdinfo", "--map", uri), out("nbdinfo", "--map", kit_uri),
-      "nbdkit backend: nbdinfo --map through the proxy equals nbdkit's")
-t.ok(same_caps(uri, kit_uri), "nbdkit backend: capabilities pass through")
-t.stop()
+check_proxy("front-kit", "uri=" + kit_uri, kit_uri, 16 * MiB, "nbdkit memory backend")
 t.stop(t.servers[-1])
 # Over TCP: hostname=, port=, export=.
 import socket as socketmod
@@ -213,12 +219,7 @@ raw = os.path.join(tmp, "disk.raw")
 nbdtest.sparse_file(raw, 32 * MiB)
 q_sock = os.path.join(tmp, "qraw.sock")
 q_uri = backend("qemu-raw", ["qemu-nbd", "-f", "raw", "-t", "-e", "4", "-k", q_sock, raw], q_sock)
-uri = front("front-qraw", "socket=" + q_sock)
-round_trip(uri, 32 * MiB, "qemu-nbd raw backend")
-t.is_(out("nbdinfo", "--map", uri), out("nbdinfo", "--map", q_uri),
-      "qemu-nbd raw: nbdinfo --map through the proxy equals qemu-nbd's")
-t.ok(same_caps(uri, q_uri), "qemu-nbd raw: capabilities pass through")
-t.stop()
+check_proxy("front-qraw", "socket=" + q_sock, q_uri, 32 * MiB, "qemu-nbd raw backend")
 t.stop(t.servers[-1])
 
 qcow2 = os.path.join(tmp, "disk.qcow2")
