@@ -23,7 +23,7 @@ if not os.path.exists(os.path.join(nbdtest.TOP, "plugins", "nbd", "nbdserve-nbd-
     print("1..0 # SKIP the nbd plugin is not built")
     sys.exit(0)
 
-t = nbdtest.Test(plan=60, watchdog=400, filters=("delay",))
+t = nbdtest.Test(plan=62, watchdog=400, filters=("delay",))
 tmp = t.tmp
 MiB = 1 << 20
 
@@ -347,6 +347,27 @@ t.ok(nbdtest.errno_of(lambda: h.pread(512, 0)) in ("EIO", "ESHUTDOWN"),
 h.shutdown()
 del h
 t.is_(t.stop(fp), 0, "the front server stops cleanly afterwards")
+
+# A backend that stops answering (SIGSTOP) with a read in flight: SIGTERM
+# still ends the front server, which cuts the backend connection after 5 s
+# rather than hand the read's buffer back while libnbd may still fill it.
+back_uri = t.server("frozen", "memory", "16M")
+back = t.last_server
+uri = front("front-frozen", "socket=" + uri_socket(back_uri))
+fp = t.last_server
+h = t.connect(uri)
+back.send_signal(signal.SIGSTOP)
+cookie = h.aio_pread(nbd.Buffer(65536), 0)
+h.poll(200)
+t0 = time.monotonic()
+rc = t.stop(fp, timeout=30)
+took = time.monotonic() - t0
+t.ok(rc == 0 and took < 20, "a frozen backend with a read in flight: SIGTERM ends the front "
+     "server in %.1f s, exit %s" % (took, rc))
+t.ok("cutting its connection" in t.log("front-frozen"), "... after cutting the backend connection")
+back.send_signal(signal.SIGCONT)
+t.stop(back)
+del h
 
 # ---- 6. retry=: a restarted backend is picked up -----------------------------------
 sock = os.path.join(tmp, "phoenix.sock")
