@@ -695,6 +695,94 @@ SCALING_ROWS = [
 ]
 
 
+# ---- The nbd plugin: a proxy in front of nbdserve memory --------------------------
+# nbdserve's nbd plugin against nbdkit's nbd plugin, each in front of the
+# same kind of backend: an nbdserve memory disk of its own, started
+# afresh with the front.  The columns are the fronts; the backend, the
+# same program for both, is not the server compared.  run_measurement
+# starts the column's own server first: it only names the column here,
+# and is stopped at once.
+
+class ProxyPair:
+    """A backend (nbdserve memory) and a front (KIND's nbd plugin) in front of it."""
+
+    def __init__(self, work, kind, size=SIZE):
+        self.kind, self.work, self.size, self.qcow2 = kind, work, size, False
+        self.back_sock = os.path.join(work, "proxy-backend.sock")
+        self.sock = os.path.join(work, "proxy-%s.sock" % kind)
+        self.procs = []
+
+    def _spawn(self, cmd, sock, name):
+        log = open(os.path.join(self.work, name + ".log"), "w")
+        p = subprocess.Popen(cmd, stdout=log, stderr=log)
+        self.procs.append((p, log, sock))
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if p.poll() is not None:
+                raise RuntimeError("%s exited: %s" % (name, open(log.name).read()))
+            if os.path.exists(sock):
+                return p
+            time.sleep(0.02)
+        raise RuntimeError("%s did not start" % name)
+
+    def start(self):
+        self._spawn([NBDSERVE, "-f", "-U", self.back_sock, "memory", "size=%d" % self.size],
+                    self.back_sock, "proxy-backend")
+        front = [NBDSERVE] if self.kind == "nbdserve" else ["nbdkit"]
+        self.proc = self._spawn(front + ["-f", "-U", self.sock, "nbd",
+                                         "socket=" + self.back_sock],
+                                self.sock, "proxy-" + self.kind)
+        return self
+
+    def uri(self):
+        return "nbd+unix:///?socket=" + self.sock
+
+    cpu_seconds = Server.cpu_seconds  # of the front, the server compared
+
+    def stop(self):
+        for p, log, sock in reversed(self.procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(20)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+            log.close()
+            if os.path.exists(sock):
+                os.unlink(sock)
+
+
+def through_proxy(fn):
+    """A measurement FN(server, work) run against a ProxyPair whose front
+    is the column's server kind."""
+    def measure(column_server, work):
+        column_server.stop()
+        pair = ProxyPair(work, column_server.kind).start()
+        try:
+            return fn(pair, work)
+        finally:
+            pair.stop()
+    return measure
+
+
+PROXY_VARIANTS = [("nbdserve", "nbdserve", {}), ("nbdkit", "nbdkit", {})]
+MEASUREMENTS += [
+    ("nbd-proxy-read", dict(backend="memory"),
+     through_proxy(lambda s, w: {"nbd-proxy-read": seq_read(s, w, 1)}), PROXY_VARIANTS),
+    ("nbd-proxy-randread", dict(backend="memory"),
+     through_proxy(lambda s, w: rand_iops(s, w, "randread", "nbd-proxy-randread")),
+     PROXY_VARIANTS),
+]
+ROWS += [
+    ("nbd-proxy-read", "sequential read through the nbd plugin (in front of nbdserve memory)",
+     "MB/s", True, 1.2, "nbdkit"),
+    ("nbd-proxy-randread", "4K random read, QD32, through the nbd plugin (in front of nbdserve "
+     "memory)", "IOPS", True, 1.2, "nbdkit"),
+    ("nbd-proxy-randread-cpu", "... front server CPU time per read", "µs", False),
+]
+
+
 def variants(measurement):
     """(column, server kind, extra Server options) of each server run
     for MEASUREMENT: its own list, or every server that can serve it."""

@@ -63,7 +63,10 @@ struct request {
   bool park_on_timer; /* what it waits for: a timer (or a waker) */
   uint64_t park_ns;
   struct nbdserve_waiter *parked_waiter; /* waiting for this waker (waiters_lock) */
-  struct request *next_woken; /* conn->to_park or conn->woken (conn->lock) */
+  /* In conn->to_park and in conn->woken (conn->lock).  Two links: a
+   * waker may come before the loop has taken the request off to_park,
+   * and then it is on both lists at once. */
+  struct request *next_park, *next_woken;
   struct request *prev_waiting, *next_waiting; /* conn->waiting_list (loop thread) */
   ev_timer wait_timer;
 
@@ -130,6 +133,10 @@ struct conn {
 
   /* Handshake (loop thread, or the worker processing an option). */
   bool no_zeroes, structured, extended;
+  /* The chain's extents waited when a read asked them first: reads are
+   * no longer planned sparse on this connection (a round trip each).
+   * Requests of any thread read and set it: relaxed atomics. */
+  bool sparse_plan_waits;
   unsigned options_seen;
   bool opt_header_seen; /* opt_type/opt_len valid, payload arriving */
   uint32_t opt_type, opt_len; /* option being received / processed */
@@ -275,6 +282,11 @@ extern void wait_begin_request(struct request *req); /* before the chain runs it
  * asked says whether the chain's answer was the wait (-1, EINPROGRESS). */
 extern bool wait_end_request(struct request *req, bool asked);
 extern void wait_service(struct conn *conn); /* loop thread, from conn_service */
+/* Take back a wait that a call inside the request asked for and whose
+ * answer the caller does without (the extents before a sparse read):
+ * the request no longer waits, and its waited layers are those of
+ * WAITED_BEFORE again.  A later nbdserve_wake of it is a no-op. */
+extern void wait_withdraw(struct request *req, uint32_t waited_before);
 
 /* replies.c */
 extern void reply_simple(struct request *req, uint32_t error);

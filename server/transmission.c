@@ -187,7 +187,9 @@ static size_t plan_sparse_read(struct request *req, struct read_segment *segs)
 {
   struct conn *conn = req->conn;
   if (!conn->structured || (req->flags & NBD_CMD_FLAG_DF) || req->count < SPARSE_READ_MIN ||
-      client_tracks_allocation(conn) || nbdserve_next_can_extents(conn->top) != 1)
+      __atomic_load_n(&conn->sparse_plan_waits, __ATOMIC_RELAXED) ||
+      client_tracks_allocation(conn) ||
+      nbdserve_next_can_extents(conn->top) != 1)
     return 0;
 
   struct nbdserve_extents *e = nbdserve_extents_new(req->offset, req->count, 0);
@@ -196,7 +198,16 @@ static size_t plan_sparse_read(struct request *req, struct read_segment *segs)
   size_t nsegs = 0;
   bool any_hole = false;
   uint64_t end = req->offset + req->count, pos = req->offset;
-  if (nbdserve_next_extents(conn->top, req->count, req->offset, 0, e) == 0) {
+  uint32_t waited_before = req->waited_layers;
+  int r = nbdserve_next_extents(conn->top, req->count, req->offset, 0, e);
+  if (r == -1 && errno == EINPROGRESS) {
+    /* The plan is an optimisation: a chain whose extents wait (a proxy
+     * asking its backend) would pay a round trip per read for it, and
+     * the read below may have to wait too.  Read it all as data. */
+    wait_withdraw(req, waited_before);
+    __atomic_store_n(&conn->sparse_plan_waits, true, __ATOMIC_RELAXED);
+  }
+  if (r == 0) {
     size_t n = nbdserve_extents_count(e);
     for (size_t i = 0; i < n && pos < end; i++) {
       uint64_t off, len, flags;

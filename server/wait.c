@@ -147,6 +147,21 @@ void wait_begin_request(struct request *req)
   running.ask = ASK_NONE;
 }
 
+/* Any thread: the one running REQ. */
+void wait_withdraw(struct request *req, uint32_t waited_before)
+{
+  struct nbdserve_waiter *w = running.waiter;
+  running.ask = ASK_NONE;
+  running.waiter = NULL;
+  req->waited_layers = waited_before;
+  if (w) {
+    pthread_mutex_lock(&waiters_lock);
+    w->state = WAITER_DONE; /* its waker finds it done */
+    waiter_release(w);
+    pthread_mutex_unlock(&waiters_lock);
+  }
+}
+
 /* Finishing a callback that asked to wait.  Returns true if the request
  * is parked (the caller must not reply).  Any thread. */
 bool wait_end_request(struct request *req, bool asked)
@@ -187,7 +202,7 @@ bool wait_end_request(struct request *req, bool asked)
   /* Every parked request passes through its loop, which alone keeps the
    * list of waiting requests. */
   pthread_mutex_lock(&conn->lock);
-  req->next_woken = conn->to_park;
+  req->next_park = conn->to_park;
   conn->to_park = req;
   conn_kick(conn);
   pthread_mutex_unlock(&conn->lock);
@@ -233,7 +248,7 @@ void wait_service(struct conn *conn)
     return;
 
   for (struct request *r = park, *next; r; r = next) {
-    next = r->next_woken;
+    next = r->next_park;
     r->next_waiting = conn->waiting_list;
     r->prev_waiting = NULL;
     if (conn->waiting_list)
