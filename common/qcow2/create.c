@@ -168,7 +168,13 @@ int overlay_create(const struct qcow2_overlay_options *o)
 {
   struct base_info base = {0};
   uint64_t size = o->size;
-  if (o->base && probe_base(o->base, &base) < 0)
+  if (o->base && o->base_format) { /* known: the base need not exist yet (a checkpoint's layer) */
+    base.path = strdup(o->base);
+    base.format = o->base_format;
+    base.size = o->size;
+    if (base.path == NULL)
+      return -1;
+  } else if (o->base && probe_base(o->base, &base) < 0)
     return -1;
   if (o->base)
     size = base.size;

@@ -39,7 +39,9 @@ struct qcow2_overlay_options {
   const char *path; /* the overlay; created if it does not exist */
   const char *base; /* the base, or NULL for an overlay without one */
   /* Only when the overlay is created: */
-  uint64_t size; /* without a base */
+  uint64_t size; /* without a base, or with base_format */
+  const char *base_format; /* "raw" or "qcow2": the base is not looked at (it may not exist yet),
+                            * `base` is stored as given, `size` is the size */
   uint32_t cluster_size; /* 0: the granularity */
   /* Bitmaps to serve (created when absent); those in `clear` start empty. */
   const char *const *bitmaps;

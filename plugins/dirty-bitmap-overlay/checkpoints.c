@@ -274,13 +274,34 @@ out:
   return ov;
 }
 
-/* With every data call held out: the switch described at the top. */
-static int switch_layers(struct checkpoint *ck, const char *ended, struct nbdserve_reply *reply)
+/* The new overlay, made before the writes are held: empty, its backing
+ * file the checkpoint's layer-to-be, by name. */
+static char *make_next(struct checkpoint *ck, struct nbdserve_reply *reply)
 {
   char *fresh;
   if (asprintf(&fresh, "%s.new", overlay_path) < 0)
-    return -1;
+    return NULL;
   unlink(fresh);
+  pthread_rwlock_rdlock(&chain_lock);
+  struct qcow2_overlay_options o = {.path = fresh, .base = ck->path, .base_format = "qcow2",
+                                    .size = qcow2_overlay_size(live),
+                                    .cluster_size = qcow2_overlay_cluster_size(live)};
+  int r = qcow2_overlay_create(&o);
+  /* Most of what the checkpoint's flush must sync, synced now. */
+  if (r == 0)
+    qcow2_overlay_flush(live);
+  pthread_rwlock_unlock(&chain_lock);
+  if (r < 0) {
+    nbdserve_reply_error(reply, "creating the new overlay failed");
+    free(fresh);
+    return NULL;
+  }
+  return fresh;
+}
+
+/* With every data call held out: the switch described at the top. */
+static int switch_layers(struct checkpoint *ck, const char *ended, char *fresh, struct nbdserve_reply *reply)
+{
   struct qcow2_overlay *old = live;
   int r = qcow2_overlay_freeze(old, ended, (uint64_t) time(NULL), ck->path);
   if (r < 0) {
@@ -291,11 +312,6 @@ static int switch_layers(struct checkpoint *ck, const char *ended, struct nbdser
   const char *step = "linking the checkpoint";
   if (link(overlay_path, ck->path) == -1)
     goto undo;
-  step = "creating the new overlay";
-  struct qcow2_overlay_options o = {.path = fresh, .base = ck->path,
-                                    .cluster_size = qcow2_overlay_cluster_size(old)};
-  if (qcow2_overlay_create(&o) < 0)
-    goto unlink;
   step = "renaming the new overlay";
   if (rename(fresh, overlay_path) == -1)
     goto unlink;
@@ -312,7 +328,6 @@ static int switch_layers(struct checkpoint *ck, const char *ended, struct nbdser
                    ck->name, ck->name);
   ck->ov = old;
   live = next;
-  free(fresh);
   return 0;
 unlink:
   unlink(ck->path);
@@ -321,7 +336,6 @@ undo:
 thaw:
   qcow2_overlay_thaw(old);
   nbdserve_reply_error(reply, "%s failed: %m", step);
-  free(fresh);
   return -1;
 }
 
@@ -353,11 +367,15 @@ static int cmd_checkpoint(int argc, const char *const *keys, const char *const *
     goto fail;
   }
   char *ended_copy = strdup(ended);
+  char *fresh = ended_copy ? make_next(ck, reply) : NULL;
   uint64_t start = now_ns();
   pthread_rwlock_wrlock(&chain_lock);
-  int r = ended_copy ? switch_layers(ck, ended_copy, reply) : -1;
+  int r = fresh ? switch_layers(ck, ended_copy, fresh, reply) : -1;
   pthread_rwlock_unlock(&chain_lock);
   uint64_t held = now_ns() - start;
+  if (fresh && r < 0)
+    unlink(fresh);
+  free(fresh);
   if (r < 0) {
     free(ended_copy);
     goto fail;
