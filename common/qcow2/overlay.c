@@ -478,8 +478,7 @@ bool qcow2_overlay_recovered(const struct qcow2_overlay *ov)
   return ov->recovered;
 }
 
-void qcow2_overlay_for_each_file(const struct qcow2_overlay *ov,
-                                 void (*fn)(int fd, const char *path, void *opaque), void *opaque)
+const char *qcow2_overlay_first_file_not_in_ram(const struct qcow2_overlay *ov)
 {
-  qcow2_for_each_file(ov->chain, fn, opaque);
+  return qcow2_first_file_not_in_ram(ov->chain);
 }

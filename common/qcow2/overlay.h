@@ -66,10 +66,9 @@ int qcow2_overlay_close(struct qcow2_overlay *ov);
 
 uint64_t qcow2_overlay_size(const struct qcow2_overlay *ov);
 uint32_t qcow2_overlay_cluster_size(const struct qcow2_overlay *ov);
-/* Calls fn for the overlay's file and every file of its base, as
- * qcow2_for_each_file does. */
-void qcow2_overlay_for_each_file(const struct qcow2_overlay *ov,
-                                 void (*fn)(int fd, const char *path, void *opaque), void *opaque);
+/* The first file of the overlay and its base not in RAM, or NULL
+ * (qcow2_first_file_not_in_ram). */
+const char *qcow2_overlay_first_file_not_in_ram(const struct qcow2_overlay *ov);
 /* True when the file was found in use by a process that stopped
  * uncleanly (its bitmaps were recovered as supersets). */
 bool qcow2_overlay_recovered(const struct qcow2_overlay *ov);

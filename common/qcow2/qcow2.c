@@ -10,10 +10,12 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <libgen.h>
+#include <linux/magic.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
 #include <unistd.h>
 
 #include "internal.h"
@@ -526,6 +528,23 @@ uint32_t qcow2_cluster_size(const struct qcow2_chain *chain)
 unsigned qcow2_depth(const struct qcow2_chain *chain)
 {
   return chain->depth;
+}
+
+static bool in_ram(int fd)
+{
+  struct statfs fs;
+  return fstatfs(fd, &fs) == 0 && (fs.f_type == TMPFS_MAGIC || fs.f_type == RAMFS_MAGIC);
+}
+
+const char *qcow2_first_file_not_in_ram(const struct qcow2_chain *chain)
+{
+  for (const struct layer *l = chain->top; l; l = l->backing) {
+    if (!in_ram(l->fd))
+      return l->path;
+    if (l->data_path && !in_ram(l->data_fd))
+      return l->data_path;
+  }
+  return NULL;
 }
 
 void qcow2_for_each_file(const struct qcow2_chain *chain, void (*fn)(int fd, const char *path, void *opaque),

@@ -54,6 +54,10 @@ unsigned qcow2_depth(const struct qcow2_chain *chain); /* layers in the chain, >
 void qcow2_for_each_file(const struct qcow2_chain *chain, void (*fn)(int fd, const char *path, void *opaque),
                          void *opaque);
 
+/* The first file of the chain that is not on tmpfs or ramfs, or NULL
+ * when every one is (a read then never waits for a disk). */
+const char *qcow2_first_file_not_in_ram(const struct qcow2_chain *chain);
+
 /* Reads [offset, offset+count) of the virtual disk, which must lie
  * inside it.  0, or -errno (-EIO for a corrupt image). */
 int qcow2_read(struct qcow2_chain *chain, void *buf, uint64_t count, uint64_t offset);

@@ -13,13 +13,11 @@
 #include <errno.h>
 #include <libgen.h>
 #include <limits.h>
-#include <linux/magic.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
-#include <sys/statfs.h>
 
 #include "nbdserve-plugin.h"
 #include "overlay-plugin.h"
@@ -265,27 +263,17 @@ static void ovl_unload(void)
   free(base_path);
 }
 
-static void check_in_ram(int fd, const char *path, void *opaque)
-{
-  bool *all = opaque;
-  struct statfs fs;
-  if (fstatfs(fd, &fs) == -1 || (fs.f_type != TMPFS_MAGIC && fs.f_type != RAMFS_MAGIC)) {
-    if (*all)
-      nbdserve_debug(NAME ": %s is not in RAM: requests run on worker threads", path);
-    *all = false;
-  }
-}
-
 /* The overlay and every file of its base in RAM: a request is memory
  * copies and short locks (a flush's fdatasync returns at once there), so
  * it may run on the connection's own thread. */
 static int ovl_never_blocks(void)
 {
-  bool all = true;
-  qcow2_overlay_for_each_file(live, check_in_ram, &all);
-  if (all)
+  const char *disk = qcow2_overlay_first_file_not_in_ram(live);
+  if (disk)
+    nbdserve_debug(NAME ": %s is not in RAM: requests run on worker threads", disk);
+  else
     nbdserve_debug(NAME ": the overlay and its base are in RAM: requests need no worker threads");
-  return all;
+  return disk == NULL;
 }
 
 /* --dump-plugin overlay=PATH: what the file holds, read without opening

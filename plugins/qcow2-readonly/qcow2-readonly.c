@@ -10,13 +10,11 @@
  * SPDX-License-Identifier: BSD-3-Clause
  */
 #include <errno.h>
-#include <linux/magic.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
-#include <sys/statfs.h>
 
 #include "nbdserve-plugin.h"
 #include "qcow2/qcow2.h"
@@ -171,28 +169,16 @@ static int q2_config_complete(void)
   return 0;
 }
 
-static void check_in_ram(int fd, const char *path, void *opaque)
-{
-  bool *all = opaque;
-  struct stat st;
-  struct statfs fs;
-  if (fstat(fd, &st) == -1 || !S_ISREG(st.st_mode) || fstatfs(fd, &fs) == -1 ||
-      (fs.f_type != TMPFS_MAGIC && fs.f_type != RAMFS_MAGIC)) {
-    if (*all)
-      nbdserve_debug("qcow2-readonly: %s is not in RAM: requests run on worker threads", path);
-    *all = false;
-  }
-}
-
 /* Every file of the chain on tmpfs or ramfs: a read is memory copies and
  * decompression, and may run on the connection's thread. */
 static int q2_never_blocks(void)
 {
-  bool all = true;
-  qcow2_for_each_file(chain, check_in_ram, &all);
-  if (all)
+  const char *disk = qcow2_first_file_not_in_ram(chain);
+  if (disk)
+    nbdserve_debug("qcow2-readonly: %s is not in RAM: requests run on worker threads", disk);
+  else
     nbdserve_debug("qcow2-readonly: every file of the chain is in RAM: requests need no worker threads");
-  return all;
+  return disk == NULL;
 }
 
 static void q2_unload(void)
