@@ -88,7 +88,8 @@ class Server:
     """One server process serving BACKEND (memory, file, or one of the
     QCOW2_IMAGES) over a Unix socket or TCP, optionally with TLS-PSK."""
 
-    def __init__(self, work, kind, backend, tcp=False, tls=False, loops=None, size=SIZE, control=False):
+    def __init__(self, work, kind, backend, tcp=False, tls=False, loops=None, size=SIZE,
+                 chain=None, control=False):
         self.kind, self.backend, self.tcp, self.tls = kind, backend, tcp, tls
         self.size = size  # of a memory or file disk; a qcow2 image has SIZE
         self.loops = loops  # nbdserve's --loops; None leaves its default
@@ -105,6 +106,7 @@ class Server:
             self.disk = os.path.join(work, "overlay.qcow2")
         else:
             self.disk = os.path.join(work, "disk.img")
+        self.chain = chain  # filters over the plugin, by server: see with_filters()
         self.proc = None
 
     def command(self):
@@ -156,7 +158,7 @@ class Server:
                 cmd += ["--object", "tls-creds-psk,id=tls0,endpoint=server,dir=" + self.work,
                         "--tls-creds", "tls0"]
             cmd += [self.disk]
-        return cmd
+        return with_filters(self, cmd)
 
     def uri(self):
         scheme = "nbds" if self.tls else "nbd"
@@ -687,6 +689,124 @@ ROWS.extend([
     ("cache-hits-memory-cpu", "... server CPU time per read", "µs", False),
 ])
 # ---- end of the cache filter's rows ---------------------------------------------------
+
+# ---- Filters: nbdserve's against nbdkit's equivalents -------------------------
+# Rows of nbdserve with one of its filters over the memory plugin against
+# nbdkit with its nearest filter, in the same run: throttle against rate,
+# log against log, stats against stats, fast-zero against nozero (nbdkit
+# 1.32 has no fastzero filter).  qemu-nbd has no filters and takes no part.
+# A measurement's variants give each server its chain: a dict of
+# server kind -> (filter names, key=value parameters appended after the
+# plugin's), "{work}" in a parameter being the work directory.
+
+def with_filters(server, cmd):
+    """CMD with SERVER's filters inserted before the plugin name and
+    their parameters appended."""
+    if not server.chain or server.kind not in server.chain:
+        return cmd
+    filters, params = server.chain[server.kind]
+    plugin = "memory" if server.backend == "memory" else "file"
+    at = cmd.index(plugin)
+    return (cmd[:at] + ["--filter=" + f for f in filters] + cmd[at:]
+            + [p.format(work=server.work) for p in params])
+
+
+def filter_variants(ours, theirs):
+    """The variants of a filter row: nbdserve with OURS, nbdkit with THEIRS,
+    each (filter names, parameters)."""
+    return [("nbdserve", "nbdserve", dict(chain={"nbdserve": ours})),
+            ("nbdkit", "nbdkit", dict(chain={"nbdkit": theirs}))]
+
+
+# The throttle rows: a sequential read under a limit both servers should
+# hold (200 MiB/s; nbdkit's rate is in bits per second), and 4K random
+# reads under a limit far above what they reach, which measures what the
+# filter costs a request.  Both get nbdkit's default bucket depth, 2 s.
+THROTTLE_SEQ_RATE = 200 << 20
+THROTTLE_SEQ = filter_variants((["throttle"], ["rate=200M", "burst=2s"]),
+                               (["rate"], ["rate=1600M", "burstiness=2"]))
+THROTTLE_HIGH = filter_variants((["throttle"], ["rate=10G"]), (["rate"], ["rate=80G"]))
+LOG_FILE = filter_variants((["log"], ["logfile={work}/requests.log"]),
+                           (["log"], ["logfile={work}/requests.log"]))
+STATS_FILE = filter_variants((["stats"], ["statsfile={work}/stats.txt"]),
+                             (["stats"], ["statsfile={work}/stats.txt"]))
+# fast-zero=slow: a FAST_ZERO request fails at once with ENOTSUP, so
+# qemu-img convert -n zeroes the holes without the flag; zero=emulate:
+# every zero is written as data.
+FAST_ZERO_SLOW = filter_variants((["fast-zero"], ["fast-zero=slow"]),
+                                 (["nozero"], ["zeromode=plugin", "fastzeromode=slow"]))
+ZERO_EMULATE = filter_variants((["fast-zero"], ["zero=emulate"]), (["nozero"], ["zeromode=emulate"]))
+
+
+def logged_iops(rw, name):
+    """rand_iops with the log filter; the log (some 100 MB at full
+    speed) is removed as soon as it is written."""
+    def measure(server, work):
+        try:
+            return rand_iops(server, work, rw, name)
+        finally:
+            path = os.path.join(work, "requests.log")
+            if os.path.exists(path):
+                os.unlink(path)
+    return measure
+
+
+def sparse_image(work, size):
+    """A raw image of SIZE bytes: 1 MiB of random data in every 16 MiB,
+    holes in between (made once per run)."""
+    path = os.path.join(work, "sparse-%dM.img" % (size >> 20))
+    if not os.path.exists(path):
+        with open(path + ".new", "wb") as f:
+            f.truncate(size)
+            for off in range(0, size, 16 << 20):
+                f.seek(off)
+                f.write(os.urandom(min(1 << 20, size - off)))
+        os.rename(path + ".new", path)
+    return path
+
+
+def convert_onto(name):
+    """Seconds of qemu-img convert -n of the sparse image onto the export
+    (the export's disk is not known to be zero, so qemu-img zeroes the
+    holes of the source there)."""
+    def measure(server, work):
+        src = sparse_image(work, server.size)
+        return {name: timed(["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", src,
+                             server.uri()])}
+    return measure
+
+
+MEASUREMENTS += [
+    ("throttle-seq", dict(backend="memory"),
+     lambda s, w: {"throttle-seq": seq_read(s, w, 1)}, THROTTLE_SEQ),
+    ("throttle-randread", dict(backend="memory"),
+     lambda s, w: rand_iops(s, w, "randread", "throttle-randread"), THROTTLE_HIGH),
+    ("log-randread", dict(backend="memory"), logged_iops("randread", "log-randread"), LOG_FILE),
+    ("log-randwrite", dict(backend="memory"), logged_iops("randwrite", "log-randwrite"), LOG_FILE),
+    ("stats-randread", dict(backend="memory"),
+     lambda s, w: rand_iops(s, w, "randread", "stats-randread"), STATS_FILE),
+    ("fast-zero-slow", dict(backend="memory"), convert_onto("fast-zero-slow"), FAST_ZERO_SLOW),
+    ("zero-emulate", dict(backend="memory"), convert_onto("zero-emulate"), ZERO_EMULATE),
+]
+ROWS += [
+    ("throttle-seq", "throttle rate=200M (%.1f MB/s) / nbdkit rate: sequential read (memory)"
+     % (THROTTLE_SEQ_RATE / 1e6), "MB/s", True),
+    ("throttle-randread", "throttle rate=10G / nbdkit rate: 4K random read, QD32 (memory)",
+     "IOPS", True),
+    ("throttle-randread-cpu", "... server CPU time per read", "µs", False),
+    ("log-randread", "log to a file: 4K random read, QD32 (memory)", "IOPS", True),
+    ("log-randread-cpu", "... server CPU time per read", "µs", False),
+    ("log-randwrite", "log to a file: 4K random write, QD32 (memory)", "IOPS", True),
+    ("log-randwrite-cpu", "... server CPU time per write", "µs", False),
+    ("stats-randread", "stats: 4K random read, QD32 (memory)", "IOPS", True),
+    ("stats-randread-cpu", "... server CPU time per read", "µs", False),
+    ("fast-zero-slow", "fast-zero=slow / nozero fastzeromode=slow: qemu-img convert -n "
+     "of a sparse image (1/16 data)", "s", False),
+    ("zero-emulate", "fast-zero zero=emulate / nozero zeromode=emulate: qemu-img convert -n "
+     "of a sparse image (1/16 data)", "s", False),
+]
+# ---- end of the filter rows ----------------------------------------------------
+
 
 # The --loops scaling table: nbdserve alone, the ratio is --loops=N / --loops=1.
 SCALING_ROWS = [

@@ -5,14 +5,14 @@
 # at full speed, throttle.set and the rate file change the rate within a
 # second, and 500 connections with requests waiting take no thread and
 # leave another connection's latency alone.
-import json, os, subprocess, sys, time
+import json, os, subprocess, sys, threading, time
 sys.dont_write_bytecode = True
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "lib"))
 import nbdtest
 from nbdtest import nbd
 
 MiB = 1 << 20
-t = nbdtest.Test(plan=18, filters=("throttle",))
+t = nbdtest.Test(plan=24, filters=("throttle",))
 CTL = os.path.join(nbdtest.TOP, "nbdserve-ctl")
 
 # Data, not holes: the server answers holes without a read, and so
@@ -223,6 +223,110 @@ t.is_(t.stop(), 0, "the server stops cleanly after 500 clients left mid-wait")
 limit = 60 if nbdtest.SANITIZED else 5
 t.ok(time.monotonic() - t0 < limit, "... promptly (%.2f s)" % (time.monotonic() - t0))
 t.ok("error" not in t.log("many"), "no errors logged")
+
+# ---- read-rate and write-rate: each limits its own direction ----------------------
+# A copy of the whole 40 MiB disk, one way at the limit (4 s), the other
+# way unlimited.  Client-side: bytes copied / wall time of nbdcopy.
+rw_disk = os.path.join(t.tmp, "rw.img")
+src = os.path.join(t.tmp, "src.img")
+for path in (rw_disk, src):
+    with open(path, "wb") as f:
+        f.write(os.urandom(40 * MiB))
+
+
+def copy_in(uri):
+    """Seconds nbdcopy takes to write the 40 MiB source over one connection."""
+    t0 = time.monotonic()
+    p = subprocess.run(["nbdcopy", "--connections=1", src, uri], capture_output=True)
+    took = time.monotonic() - t0
+    if p.returncode != 0:
+        t.diag(p.stderr.decode())
+    return took
+
+
+for key, limited, free in (("read-rate", copy, copy_in), ("write-rate", copy_in, copy)):
+    uri = t.server(key, "--filter=throttle", "file", rw_disk, key + "=10M")
+    slow = 40 / limited(uri)
+    fast = 40 / free(uri)
+    t.ok(within(slow, 10) and fast > 30,
+         "%s=10M: %s at %.2f MiB/s (10 +- 10%%), %s unlimited at %.0f MiB/s (> 30)"
+         % (key, "reads" if limited is copy else "writes", slow,
+            "writes" if limited is copy else "reads", fast))
+    t.stop()
+
+# ---- connection-iops: two connections, each at the limit ------------------------------
+uri = t.server("conn-iops", "--filter=throttle", "file", disk, "connection-iops=200")
+out = subprocess.run(["fio", "--name=throttle", "--ioengine=nbd", "--uri=" + uri,
+                      "--rw=randread", "--bs=4k", "--iodepth=16", "--numjobs=2", "--time_based",
+                      "--runtime=4", "--size=%d" % (40 * MiB), "--output-format=json"],
+                     capture_output=True, text=True, timeout=30).stdout
+try:
+    jobs = json.loads(out[out.index("{"):])["jobs"]
+    per_job = [j["read"]["iops"] for j in jobs]
+except ValueError:
+    t.diag(out)
+    per_job = []
+t.ok(len(per_job) == 2 and all(within(v, 200) for v in per_job),
+     "connection-iops=200: two fio connections at QD16 make %s requests/s each (200 +- 10%%)"
+     % " and ".join("%.0f" % v for v in per_job))
+t.stop()
+
+# ---- fairness under one shared rate ------------------------------------------------------
+# Each connection reads at queue depth 1 on a thread of its own; the
+# rate of a connection is the bytes of its completed reads over the time
+# of its last completion, from a common start (at QD1 the next read
+# starts when one ends, so this counts exactly what was served).
+
+
+def reader(uri, size, seconds, start, out):
+    h = t.connect(uri)
+    lats, n, off, last = [], 0, 0, 0.0
+    span = 48 * MiB - size
+    while time.monotonic() - start < seconds:
+        t0 = time.monotonic()
+        h.pread(size, off)
+        last = time.monotonic() - start
+        lats.append(last - (t0 - start))
+        n += 1
+        off = (off + size) % span if span else 0
+    h.shutdown()
+    lats.sort()
+    out.append((n * size / last / MiB if last else 0, n, lats))
+
+
+def side_by_side(uri, sizes, seconds):
+    start = time.monotonic()
+    outs = [[] for _ in sizes]
+    ths = [threading.Thread(target=reader, args=(uri, size, seconds, start, o))
+           for size, o in zip(sizes, outs)]
+    for th in ths:
+        th.start()
+    for th in ths:
+        th.join()
+    return [o[0] if o else (0, 0, [1.0]) for o in outs]
+
+
+# Two connections of the same large reads share rate=10M equally.
+uri = t.server("fair", "--filter=throttle", "file", disk, "rate=10M")
+(a, _, _), (b, _, _) = side_by_side(uri, (MiB, MiB), 4.0)
+t.ok(within(a, 5) and within(b, 5),
+     "rate=10M, two connections of 1 MiB reads: %.2f and %.2f MiB/s (5 +- 10%% each)" % (a, b))
+# 32 MiB reads against 4 KiB reads: the large ones are charged in pieces
+# of 10 ms at the rate, and each small read takes its turn between two
+# pieces (throttle.md), so it waits about a piece, not the 3.2 s of a
+# whole 32 MiB read at 10 MiB/s, and the two together still get the rate.
+(big, nbig, _), (small, nsmall, lats) = side_by_side(uri, (32 * MiB, 4096), 7.0)
+p99 = lats[int(len(lats) * 0.99) - 1] if lats else 1.0
+t.ok(within(big + small, 10) and nbig >= 2,
+     "32 MiB reads (%.2f MiB/s) and 4K reads (%.2f MiB/s) together get the rate (10 +- 10%%)"
+     % (big, small))
+if nbdtest.SANITIZED:
+    t.skip("small reads' latency: not measured in a sanitizer build")
+else:
+    t.ok(p99 < 0.05 and nsmall / 7.0 > 50,
+         "... and the 4K reads are not starved: %.0f a second, p99 latency %.1f ms (< 50)"
+         % (nsmall / 7.0, p99 * 1e3))
+t.stop()
 
 # ---- --help agrees with throttle.md ------------------------------------------------
 out = subprocess.run([nbdtest.NBDSERVE, "--help", "--filter=throttle", "memory"],
