@@ -117,6 +117,14 @@ struct nbdserve_plugin {
    * command line, config has seen them (config_complete has not run). */
   void (*dump_plugin)(void);
 
+  /* The thread model, for a plugin that learns it only once configured
+   * (the sh plugin asks its script).  Called once, right after
+   * config_complete; returns an NBDSERVE_THREAD_MODEL_*, which replaces
+   * thread_model from then on, or -1 (after logging why) to stop the
+   * server.  thread_model still says what --dump-plugin and --help
+   * show, before configuration. */
+  int (*configured_thread_model)(void);
+
   /* New fields are appended here only. */
 };
 

@@ -419,9 +419,34 @@ static int call_up(bool complete)
   return 0;
 }
 
+/* A plugin that knows its thread model only once configured says it
+ * now, before anything reads the model (exec_setup, accept). */
+static int settle_plugin_thread_model(void)
+{
+  struct nbdserve_plugin *p = &plugin_layer->plugin;
+  if (p->configured_thread_model == NULL)
+    return 0;
+  calling = plugin_layer;
+  int model = p->configured_thread_model();
+  calling = NULL;
+  if (model == -1) {
+    nbdserve_error("plugin %s: configured_thread_model failed", p->name);
+    return -1;
+  }
+  if (model < NBDSERVE_THREAD_MODEL_SERIALIZE_CONNECTIONS || model > NBDSERVE_THREAD_MODEL_PARALLEL) {
+    nbdserve_error("plugin %s: configured_thread_model returned unknown thread model %d",
+                   p->name, model);
+    return -1;
+  }
+  p->thread_model = model;
+  return 0;
+}
+
 int chain_config_complete(void)
 {
-  return call_up(true);
+  if (call_up(true) == -1)
+    return -1;
+  return settle_plugin_thread_model();
 }
 
 int chain_get_ready(void)
@@ -498,6 +523,7 @@ static void dump_plugin(FILE *fp, const struct layer *l)
   HAS(fp, pre, p, can_extents); HAS(fp, pre, p, pread); HAS(fp, pre, p, pwrite);
   HAS(fp, pre, p, flush); HAS(fp, pre, p, trim); HAS(fp, pre, p, zero); HAS(fp, pre, p, cache);
   HAS(fp, pre, p, extents); HAS(fp, pre, p, meta_extents); HAS(fp, pre, p, never_blocks);
+  HAS(fp, pre, p, configured_thread_model);
   if (p->dump_plugin) {
     fflush(fp);
     p->dump_plugin();
