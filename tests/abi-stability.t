@@ -142,10 +142,10 @@ static int v_pwrite(void *h, const void *buf, uint32_t count, uint64_t offset, u
 #endif
 static struct grown {
   struct nbdserve_plugin plugin;
-  void *future[4]; /* fields a newer header might add */
+  void *future[8]; /* fields a newer header might add; TAIL sets the last, past today's struct */
 } grown = {
   { .struct_size = sizeof(struct grown), .api_version = API_VERSION, FIELDS },
-  { 0, 0, (void *) TAIL, 0 },
+  { 0, 0, 0, 0, 0, 0, 0, (void *) TAIL },
 };
 NBDSERVE_REGISTER_PLUGIN(grown.plugin)
 #else
@@ -292,14 +292,14 @@ refused "a filter of API version 2: refused, naming versions 2 and 1" \
     "filter ./v2filter.so was built for ABI version 2, newer than this server, which speaks version 1" \
     --filter=./v2filter.so ./v1plugin.so
 refused "a longer plugin struct with a new field set: refused, naming both sizes" \
-    "plugin ./v1plugin-grown-set.so: its struct is $((p1 + 32)) bytes, built against newer headers than this server's $pn-byte struct, and sets a field this server does not know \(byte $((p1 + 16)) is not zero\)" \
+    "plugin ./v1plugin-grown-set.so: its struct is $((p1 + 64)) bytes, built against newer headers than this server's $pn-byte struct, and sets a field this server does not know \(byte $((p1 + 56)) is not zero\)" \
     ./v1plugin-grown-set.so
 refused "a longer filter struct with a new field set: refused, naming both sizes" \
     "filter ./v1filter-grown-set.so: its struct is $((f1 + 32)) bytes, built against newer headers than this server's $fn-byte struct" \
     --filter=./v1filter-grown-set.so ./v1plugin.so
 
 # ---- Thread-model defaults ---------------------------------------------------
-dump() { nbdserve --dump-plugin "$@" 2>&1 | grep -E 'thread_model=' | tr '\n' ' '; }
+dump() { nbdserve --dump-plugin "$@" 2>&1 | grep -E 'thread_model=' | grep -v '^has_' | tr '\n' ' '; }
 is "an unset plugin thread model is SERIALIZE_CONNECTIONS" "$(dump ./v1plugin.so)" \
    "thread_model=serialize_connections chain_thread_model=serialize_connections "
 build_v1 v1plugin-parallel.so -DTHREAD_MODEL=NBDSERVE_THREAD_MODEL_PARALLEL "$tmp/v1plugin.c"
