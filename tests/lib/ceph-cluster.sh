@@ -1,16 +1,17 @@
 #!/bin/bash
 # ceph-cluster.sh - a throw-away single-node Ceph cluster for the rbd tests
 # and benchmarks: one ceph-mon, optionally one ceph-mgr, one ceph-osd on
-# the memstore object store (its data lives in RAM), all on 127.0.0.1,
+# the memstore object store (its data lives in RAM) or bluestore, all on 127.0.0.1,
 # all in one private directory, no systemd.
 #
 #   ceph-cluster.sh start DIR [POOL]   start it; DIR is created (must be empty)
 #   ceph-cluster.sh stop DIR           stop exactly the daemons DIR records
-#   ceph-cluster.sh stop-osd DIR       take the OSD down (SIGTERM; memstore keeps
-#                                   its data only through a clean stop)
-#   ceph-cluster.sh restart-osd DIR
+#   ceph-cluster.sh stop-osd DIR [SIGNAL]   kill the OSD (default SIGKILL, a crash)
+#   ceph-cluster.sh restart-osd DIR [POOL]  start it again, wait until POOL is usable
 #
-# Environment: STORE_MB (memstore capacity, default 1024), WITH_MGR
+# Environment: OBJECTSTORE (memstore, the default, or bluestore on a file
+# in DIR: memstore keeps nothing across an OSD restart, bluestore does),
+# STORE_MB (the store's capacity, default 1024), WITH_MGR
 # (default 0: RBD I/O, snapshots and diffs need no manager), CEPH_WAIT
 # (seconds any one step may take, default 60).
 # After "start", DIR/ceph.conf is the clients' configuration and
@@ -139,8 +140,15 @@ mgr data = $dir/mgr.\$id
 admin socket = $dir/\$name.asok
 osd data = $dir/osd.\$id
 keyring = $dir/osd.\$id/keyring
-osd objectstore = memstore
+osd objectstore = ${OBJECTSTORE:-memstore}
 memstore device bytes = $((${STORE_MB:-1024} * 1024 * 1024))
+bluestore block path = $dir/osd.\$id/block.img
+bluestore block create = true
+bluestore block size = $((${STORE_MB:-1024} * 1024 * 1024))
+bluestore cache autotune = false
+bluestore cache size = 67108864
+osd memory target = 536870912
+bdev enable discard = false
 osd op num shards = 2
 osd op num threads per shard = 1
 osd heartbeat interval = 1
@@ -230,20 +238,25 @@ cmd_start() {
 }
 
 cmd_stop_osd() {
-    local pid deadline=$((SECONDS + WAIT))
+    local pid deadline=$((SECONDS + WAIT)) sig=${1:-KILL}
     pid=$(our_pid "$dir/osd.0.pid") || die "no OSD runs"
-    kill -TERM "$pid"
+    kill -"$sig" "$pid"
     while alive "$pid"; do
-        [ $SECONDS -lt $deadline ] || { kill -KILL "$pid"; die "the OSD ignored SIGTERM"; }
+        [ $SECONDS -lt $deadline ] || { kill -KILL "$pid"; die "the OSD ignored SIG$sig"; }
         sleep 0.05
     done
     rm -f "$dir/osd.0.pid"
 }
 
 cmd_restart_osd() {
+    local pool=${1:-rbd}
     our_pid "$dir/osd.0.pid" > /dev/null && die "the OSD runs already"
     start_osd
     wait_osd_up
+    # Listing the pool asks every placement group: it returns once all
+    # are active again (without a manager, "ceph pg stat" cannot say).
+    timeout -k 2 "$WAIT" rados -c "$dir/ceph.conf" -p "$pool" ls > /dev/null ||
+        die "pool $pool is not usable ${WAIT} s after the OSD came back"
 }
 
 [ $# -ge 2 ] || die "usage: ceph-cluster.sh start|stop|stop-osd|restart-osd DIR [POOL]"
@@ -252,7 +265,7 @@ shift 2
 case $action in
     start) cmd_start "$@" ;;
     stop) dir=$(cd "$dir" 2> /dev/null && pwd) || exit 0; cmd_stop ;;
-    stop-osd) dir=$(cd "$dir" && pwd) || exit 1; cmd_stop_osd ;;
-    restart-osd) dir=$(cd "$dir" && pwd) || exit 1; cmd_restart_osd ;;
+    stop-osd) dir=$(cd "$dir" && pwd) || exit 1; cmd_stop_osd "$@" ;;
+    restart-osd) dir=$(cd "$dir" && pwd) || exit 1; cmd_restart_osd "$@" ;;
     *) die "unknown action '$action'" ;;
 esac
