@@ -63,7 +63,10 @@ struct request {
   bool park_on_timer; /* what it waits for: a timer (or a waker) */
   uint64_t park_ns;
   struct nbdserve_waiter *parked_waiter; /* waiting for this waker (waiters_lock) */
-  struct request *next_woken; /* conn->to_park or conn->woken (conn->lock) */
+  /* conn->to_park and conn->woken (conn->lock): two links, since a waker
+   * on another thread may wake a request before its loop took it off
+   * to_park, and it is then on both lists. */
+  struct request *next_to_park, *next_woken;
   struct request *prev_waiting, *next_waiting; /* conn->waiting_list (loop thread) */
   ev_timer wait_timer;
 

@@ -187,7 +187,7 @@ bool wait_end_request(struct request *req, bool asked)
   /* Every parked request passes through its loop, which alone keeps the
    * list of waiting requests. */
   pthread_mutex_lock(&conn->lock);
-  req->next_woken = conn->to_park;
+  req->next_to_park = conn->to_park;
   conn->to_park = req;
   conn_kick(conn);
   pthread_mutex_unlock(&conn->lock);
@@ -233,7 +233,7 @@ void wait_service(struct conn *conn)
     return;
 
   for (struct request *r = park, *next; r; r = next) {
-    next = r->next_woken;
+    next = r->next_to_park;
     r->next_waiting = conn->waiting_list;
     r->prev_waiting = NULL;
     if (conn->waiting_list)

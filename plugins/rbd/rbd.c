@@ -622,11 +622,21 @@ static bool wanted_bitmap(const char *snap)
   return false;
 }
 
+/* A handle to list snapshots with: one already open, else a read-only
+ * one (which a key without write caps may open too). */
+static struct image *image_for_listing(void)
+{
+  pthread_mutex_lock(&images_lock);
+  struct image *img = images[0] ? images[0] : images[1];
+  pthread_mutex_unlock(&images_lock);
+  return img ? img : image_get(true);
+}
+
 /* One context per snapshot, as the cluster knows them now. */
 static int rbd_list_meta_contexts(const char *export_name, struct nbdserve_contexts *contexts)
 {
   (void) export_name;
-  struct image *img = image_get(snapshot != NULL);
+  struct image *img = image_for_listing();
   if (img == NULL)
     return 0; /* the open that follows says why */
   int max = 64, r;
