@@ -211,36 +211,43 @@ static int start_in_librbd(struct op *op)
   return r < 0 ? r : 0;
 }
 
-/* Start OP and ask the server to come back when it is over.  Returns
- * what the callback returns: -1 with errno EINPROGRESS, or an error. */
-static int start_and_wait(struct handle *h, struct op *op)
+/* Hand OP to librbd, to wake W (NULL: a thread waits for it).  False
+ * when librbd refused it: OP is then done, with the error. */
+static bool launch(struct handle *h, struct op *op, struct nbdserve_waiter *w)
 {
-  struct nbdserve_waiter *w;
-  if (nbdserve_retry_when(NULL, &w) == -1 && errno != EINPROGRESS)
-    return -2; /* cannot wait here: the caller goes synchronous */
   pthread_mutex_lock(&h->lock);
   op->state = OP_RUNNING;
   op->waiter = w;
   h->running++;
   pthread_mutex_unlock(&h->lock);
   int r = start_in_librbd(op);
-  if (r < 0) {
-    /* Nothing will complete: finish it here, and wake the request, whose
-     * rerun answers with the error. */
-    pthread_mutex_lock(&h->lock);
-    op->state = OP_DONE;
-    op->err = -r;
-    op->waiter = NULL;
-    h->running--;
-    pthread_mutex_unlock(&h->lock);
+  if (r == 0)
+    return true;
+  pthread_mutex_lock(&h->lock);
+  op->state = OP_DONE;
+  op->err = -r;
+  op->waiter = NULL;
+  h->running--;
+  pthread_mutex_unlock(&h->lock);
+  return false;
+}
+
+/* Start OP and ask the server to come back when it is over.  Returns
+ * what the callback returns: -1 with errno EINPROGRESS, or -2 when this
+ * call cannot wait (the caller then runs it here). */
+static int start_and_wait(struct handle *h, struct op *op)
+{
+  struct nbdserve_waiter *w;
+  if (nbdserve_retry_when(NULL, &w) == -1 && errno != EINPROGRESS)
+    return -2;
+  /* Refused: nothing will complete, so wake the request here; its rerun
+   * answers with the error. */
+  if (!launch(h, op, w))
     nbdserve_wake(w);
-  }
   errno = EINPROGRESS;
   return -1;
 }
 
-/* Start OP and wait for it on this thread: for calls made outside a
- * request (a filter's own thread), and for the cut-short path. */
 static void wait_until_done(struct handle *h, struct op *op)
 {
   pthread_mutex_lock(&h->lock);
@@ -249,23 +256,12 @@ static void wait_until_done(struct handle *h, struct op *op)
   pthread_mutex_unlock(&h->lock);
 }
 
-static int run_here(struct handle *h, struct op *op)
+/* Start OP and wait for it on this thread: for calls made outside a
+ * request (a filter's own thread), and for a cut-short FUA flush. */
+static void run_here(struct handle *h, struct op *op)
 {
-  pthread_mutex_lock(&h->lock);
-  op->state = OP_RUNNING;
-  op->waiter = NULL;
-  h->running++;
-  pthread_mutex_unlock(&h->lock);
-  int r = start_in_librbd(op);
-  if (r < 0) {
-    pthread_mutex_lock(&h->lock);
-    op->state = OP_DONE;
-    op->err = -r;
-    h->running--;
-    pthread_mutex_unlock(&h->lock);
-  }
+  launch(h, op, NULL);
   wait_until_done(h, op);
-  return 0;
 }
 
 /* ---- Answering ----------------------------------------------------------- */

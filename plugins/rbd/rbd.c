@@ -315,6 +315,13 @@ static struct image *image_open(bool readonly)
     return NULL;
   }
   rbd_get_features(img->rbd, &img->features);
+  /* librbd keeps its cache writethrough until it sees a first flush
+   * (rbd_cache_writethrough_until_flush), to protect guests that never
+   * flush.  NBD clients flush (or send FUA) for what must be durable, and
+   * flush is advertised: one flush now lets writes complete from the
+   * cache as they may. */
+  if (!img->readonly)
+    rbd_flush(img->rbd);
   rbd_linked_image_spec_t parent;
   rbd_snap_spec_t parent_snap;
   r = rbd_get_parent(img->rbd, &parent, &parent_snap);
