@@ -11,7 +11,7 @@ ratio nbdserve / best peer, computed per round, then its median.
 Environment: ROUNDS (default 5), FIO_SECONDS (default 10), BENCH_OUT (output directory; default
 docs/, or a temporary directory under BENCH_SMOKE), BENCH_ONLY (comma
 separated measurement names: seq-read, qd1, multi-conn, tls-multi-conn,
-loops-read, qcow2-read, idle...: the first element of each MEASUREMENTS entry),
+loops-read, qcow2-read, idle, rbd-read...: the first element of each MEASUREMENTS entry),
 BENCH_QEMU_AIO (qemu-nbd's --aio for the qcow2 rows; default threads).
 """
 # SPDX-License-Identifier: BSD-3-Clause
@@ -254,6 +254,10 @@ class Server:
     def rss_kib(self):
         with open("/proc/%d/status" % self.proc.pid) as f:
             return int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1))
+
+
+# Backends served by a Server class of their own (the rbd block below).
+SERVER_CLASSES = {}
 
 
 def free_port():
@@ -808,6 +812,81 @@ ROWS += [
 # ---- end of the filter rows ----------------------------------------------------
 
 
+
+# ---- Ceph RBD ------------------------------------------------------------------
+# The rbd plugin against qemu-nbd's rbd driver (Debian's qemu-block-extra)
+# serving the same image of the same single-node cluster (one monitor,
+# one OSD on memstore, 127.0.0.1), started once per run by
+# tests/lib/ceph-cluster.sh on the first rbd row and stopped at exit.
+# The image is imported from the data file once: reads meet real data
+# and no row fills it again.  The OSD shares the 2 CPUs with client and
+# server, so these rows say as much about Ceph's cost as about the
+# servers'; the goal (from the issue that added the plugin) is 1.2×
+# qemu-nbd.
+RBD_IMAGE = "rbd/bench"
+RBD_HELPER = os.path.join(TOP, "tests", "lib", "ceph-cluster.sh")
+rbd_cluster_dir = None
+
+
+def rbd_conf(work):
+    """The cluster's configuration, starting the cluster if need be."""
+    global rbd_cluster_dir
+    if rbd_cluster_dir is None:
+        import atexit
+        parent = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+        cdir = os.path.join(tempfile.mkdtemp(prefix="nbdserve-bench-ceph.", dir=parent), "c")
+        env = dict(ENV, STORE_MB=str((SIZE >> 20) * 2 + 256), CEPH_OWNER_PID=str(os.getpid()))
+        atexit.register(lambda: (subprocess.run([RBD_HELPER, "stop", cdir], timeout=120),
+                                 shutil.rmtree(os.path.dirname(cdir), ignore_errors=True)))
+        subprocess.run([RBD_HELPER, "start", cdir, "rbd"], env=env, check=True,
+                       capture_output=True, timeout=180)
+        rbd_cluster_dir = cdir
+        conf = os.path.join(cdir, "ceph.conf")
+        start = time.monotonic()
+        # Without exclusive-lock: the servers take turns on the image, and
+        # the lock a server killed by SIGTERM may leave behind would have
+        # the next one break it (and Ceph blocklist a client) mid-row.
+        run(["rbd", "-c", conf, "import", "--no-progress", "--image-feature", "layering",
+             os.path.join(work, "data.bin"), RBD_IMAGE])
+        log("rbd: cluster up, %d MiB image imported in %.1f s" % (SIZE >> 20, time.monotonic() - start))
+    return os.path.join(rbd_cluster_dir, "ceph.conf")
+
+
+class RbdServer(Server):
+    """nbdserve's rbd plugin or qemu-nbd's rbd driver on RBD_IMAGE.  Like
+    a qcow2 image, the image is made once per run: Server neither fills
+    nor removes it (self.qcow2)."""
+
+    def __init__(self, work, kind, **opts):
+        super().__init__(work, kind, **opts)
+        self.qcow2 = True
+        self.conf = rbd_conf(work)
+
+    def command(self):
+        if self.kind == "nbdserve":
+            return [NBDSERVE, "-f", "-U", self.sock, "rbd", "image=" + RBD_IMAGE,
+                    "conf=" + self.conf]
+        # --cache=writeback: qemu's default, which turns librbd's cache on
+        # as nbdserve's librbd has it by default.
+        return ["qemu-nbd", "-f", "raw", "-t", "-e", "2000", "--cache=writeback", "-k", self.sock,
+                "rbd:%s:conf=%s" % (RBD_IMAGE, self.conf)]
+
+
+SERVER_CLASSES["rbd"] = RbdServer
+RBD_VARIANTS = [("nbdserve", "nbdserve", {}), ("qemu-nbd", "qemu-nbd", {})]
+MEASUREMENTS += [
+    ("rbd-read", dict(backend="rbd"), lambda s, w: {"rbd-read": copy_out(s, 1)}, RBD_VARIANTS),
+    ("rbd-write", dict(backend="rbd"), lambda s, w: {"rbd-write": seq_write(s, w)}, RBD_VARIANTS),
+    ("rbd-randread", dict(backend="rbd"),
+     lambda s, w: rand_iops(s, w, "randread", "rbd-randread"), RBD_VARIANTS),
+]
+ROWS += [
+    ("rbd-read", "sequential read (Ceph RBD, 1 OSD on memstore)", "MB/s", True, 1.2, "qemu-nbd"),
+    ("rbd-write", "sequential write (Ceph RBD)", "MB/s", True, 1.2, "qemu-nbd"),
+    ("rbd-randread", "4K random read, QD32 (Ceph RBD)", "IOPS", True, 1.2, "qemu-nbd"),
+    ("rbd-randread-cpu", "... server CPU time per read", "µs", False),
+]
+
 # The --loops scaling table: nbdserve alone, the ratio is --loops=N / --loops=1.
 SCALING_ROWS = [
     ("loops-read", "sequential read, 4 connections (memory)", "MB/s"),
@@ -917,7 +996,7 @@ def run_measurement(work, measurement, results):
     rounds = WARMUP + ROUNDS
     for rnd in range(rounds):
         for column, kind, extra in variants(measurement):
-            server = Server(work, kind, **opts, **extra).start()
+            server = SERVER_CLASSES.get(opts["backend"], Server)(work, kind, **opts, **extra).start()
             try:
                 values = fn(server, work)
             except Exception as e:

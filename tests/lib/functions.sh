@@ -260,13 +260,23 @@ TEST_TIMEOUT=${TEST_TIMEOUT:-300}
   kill -TERM $$ ) &
 watchdog_pid=$!
 
+# at_cleanup COMMAND: run COMMAND (a shell word list) when the test
+# ends, however it ends, after its servers are stopped and before $tmp
+# goes (a cluster of daemons the test started, for example).
+cleanup_hooks=()
+at_cleanup() { cleanup_hooks+=("$*"); }
+
 cleanup() {
-    local pid
+    local pid hook
     [ -n "${watchdog_pid:-}" ] && kill "$watchdog_pid" 2> /dev/null && wait "$watchdog_pid" 2> /dev/null
     watchdog_pid=
     for pid in "${server_pids[@]:-}"; do
         [ -n "$pid" ] && stop_pid "$pid"
     done
+    for hook in "${cleanup_hooks[@]:-}"; do
+        [ -n "$hook" ] && eval "$hook"
+    done
+    cleanup_hooks=()
     check_sanitizer_logs
     cd / && rm -rf "$tmp"
 }
