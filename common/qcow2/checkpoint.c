@@ -52,6 +52,16 @@ int qcow2_overlay_freeze(struct qcow2_overlay *ov, const char *bitmap, uint64_t 
   return 0;
 }
 
+int qcow2_overlay_set_path(struct qcow2_overlay *ov, const char *path)
+{
+  char *copy = strdup(path);
+  if (copy == NULL)
+    return -ENOMEM;
+  free(ov->top->path);
+  ov->top->path = copy;
+  return 0;
+}
+
 int qcow2_overlay_thaw(struct qcow2_overlay *ov)
 {
   free(ov->checkpoint_bitmap);

@@ -108,6 +108,8 @@ int qcow2_overlay_create(const struct qcow2_overlay_options *options);
  * with `bitmap` and `time` recorded; `new_path` is the file's name from
  * now on (for messages).  0 or -errno. */
 int qcow2_overlay_freeze(struct qcow2_overlay *ov, const char *bitmap, uint64_t time, const char *new_path);
+/* The file was renamed (for messages).  0 or -ENOMEM. */
+int qcow2_overlay_set_path(struct qcow2_overlay *ov, const char *path);
 /* Undoes a freeze (a checkpoint that failed half way).  0 or -errno. */
 int qcow2_overlay_thaw(struct qcow2_overlay *ov);
 /* The checkpoint recorded in a frozen layer: 0, or -ENOENT for none. */

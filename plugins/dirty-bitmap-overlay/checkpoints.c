@@ -9,12 +9,14 @@
  * qcow2 image and the chain is the qcow2 backing chain, so a restart
  * finds the checkpoints again by following it.
  *
- * The switch: with every data call held out (chain_lock exclusive), the
- * overlay is flushed and frozen, hard-linked as OVERLAY@NAME, a new
- * overlay made beside it is renamed over OVERLAY, and opened.  A crash
- * at any point leaves either the old overlay in place (the link, and a
- * half-made new file, are removed at the next start) or the new one with
- * the checkpoint below it.
+ * The switch: a new overlay is made beside it (OVERLAY.new, backed by
+ * OVERLAY@NAME); then with every data call held out (chain_lock
+ * exclusive) the overlay is flushed and frozen, hard-linked as
+ * OVERLAY@NAME, the new overlay opened with its bitmaps (the others'
+ * bits carried over, the recording bitmap named in its header), and
+ * renamed over OVERLAY.  A crash at any point leaves either the old
+ * overlay in place (the link and the new file are removed at the next
+ * start) or the complete new one with the checkpoint below it.
  *
  * Releasing copies what the checkpoint's layer holds into the layer
  * above it (the next checkpoint's, or the live overlay) where that one
@@ -114,7 +116,8 @@ static bool in_list(const char *name)
 static void remove_stale(void)
 {
   char *copy = strdup(overlay_path), *base_copy = strdup(overlay_path);
-  DIR *d = copy ? opendir(dirname(copy)) : NULL;
+  const char *dir = copy ? dirname(copy) : NULL; /* dirname changes copy: once only */
+  DIR *d = dir ? opendir(dir) : NULL;
   const char *base = base_copy ? basename(base_copy) : "";
   size_t n = strlen(base);
   for (struct dirent *e; d && (e = readdir(d));) {
@@ -122,7 +125,7 @@ static void remove_stale(void)
     bool fresh = strncmp(e->d_name, base, n) == 0 && strcmp(e->d_name + n, ".new") == 0;
     if ((ck && !in_list(e->d_name + n + 1)) || fresh) {
       char *path;
-      if (asprintf(&path, "%s/%s", dirname(copy), e->d_name) >= 0) {
+      if (asprintf(&path, "%s/%s", dir, e->d_name) >= 0) {
         nbdserve_debug(NAME ": removing %s, left by a checkpoint or release cut short", path);
         unlink(path);
         free(path);
@@ -244,7 +247,8 @@ static ssize_t bitmap_index(const struct qcow2_overlay *ov, const char *name)
 
 /* The new overlay: recording NEW (with the ended bitmap's granularity)
  * and carrying on every other bitmap served, with its bits. */
-static struct qcow2_overlay *open_next(struct qcow2_overlay *old, const char *new_name, const char *ended)
+static struct qcow2_overlay *open_next(struct qcow2_overlay *old, const char *path, const char *new_name,
+                                       const char *ended)
 {
   size_t n = qcow2_overlay_bitmap_count(old), k = 0;
   const char **names = calloc(n + 1, sizeof *names);
@@ -259,7 +263,7 @@ static struct qcow2_overlay *open_next(struct qcow2_overlay *old, const char *ne
       names[k] = qcow2_overlay_bitmap_name(old, i);
       grains[k++] = qcow2_overlay_bitmap_granularity(old, i);
     }
-  struct qcow2_overlay_options o = {.path = overlay_path, .bitmaps = names, .nbitmaps = k,
+  struct qcow2_overlay_options o = {.path = path, .bitmaps = names, .nbitmaps = k,
                                     .granularities = grains};
   ov = qcow2_overlay_open(&o);
   for (size_t i = 1; ov && i < k; i++)
@@ -300,39 +304,36 @@ static char *make_next(struct checkpoint *ck, struct nbdserve_reply *reply)
 }
 
 /* With every data call held out: the switch described at the top. */
-static int switch_layers(struct checkpoint *ck, const char *ended, char *fresh, struct nbdserve_reply *reply)
+static int switch_layers(struct checkpoint *ck, const char *ended, const char *fresh,
+                         struct nbdserve_reply *reply)
 {
-  struct qcow2_overlay *old = live;
+  struct qcow2_overlay *old = live, *next = NULL;
   int r = qcow2_overlay_freeze(old, ended, (uint64_t) time(NULL), ck->path);
   if (r < 0) {
     nbdserve_reply_error(reply, "flushing the overlay failed: %s", strerror(-r));
-    free(fresh);
     return -1;
   }
   const char *step = "linking the checkpoint";
   if (link(overlay_path, ck->path) == -1)
-    goto undo;
+    goto thaw;
+  /* The new overlay is complete — bitmaps, their bits, the recording
+   * bitmap named — before it takes the overlay's name. */
+  step = "opening the new overlay";
+  next = open_next(old, fresh, ck->name, ended);
+  if (next == NULL || qcow2_overlay_set_recording(next, ck->name) < 0)
+    goto unlink;
   step = "renaming the new overlay";
   if (rename(fresh, overlay_path) == -1)
     goto unlink;
   sync_dir();
-  step = "opening the new overlay";
-  struct qcow2_overlay *next = open_next(old, ck->name, ended);
-  if (next == NULL) {
-    rename(ck->path, overlay_path); /* the old overlay again, under its name */
-    sync_dir();
-    goto thaw;
-  }
-  if (qcow2_overlay_set_recording(next, ck->name) < 0)
-    nbdserve_error(NAME ": recording '%s' as the bitmap in use failed: a restart needs bitmap=%s",
-                   ck->name, ck->name);
+  qcow2_overlay_set_path(next, overlay_path);
   ck->ov = old;
   live = next;
   return 0;
 unlink:
+  if (next)
+    qcow2_overlay_close(next);
   unlink(ck->path);
-  unlink(fresh);
-undo:
 thaw:
   qcow2_overlay_thaw(old);
   nbdserve_reply_error(reply, "%s failed: %m", step);
