@@ -104,8 +104,12 @@ static const char *status_note(int status, char *buf, size_t len)
   return buf;
 }
 
+#define MESSAGE_SHOWN 600 /* of a long stderr; the log's lines are short */
+
 /* The script failed: stderr starts with an errno name (ENOSPC), then
- * the message; anything else is all message, and EIO. */
+ * the message; anything else is all message, and EIO.  A zero that
+ * fails with ENOTSUP asks the server to write the zeroes instead: that
+ * is not worth an error in the log. */
 static void report_failure(const char *method, struct outcome *how)
 {
   char *text = how->err;
@@ -122,12 +126,19 @@ static void report_failure(const char *method, struct outcome *how)
       text++;
   }
   one_line(text);
+  size_t cut = how->err_dropped;
+  if (strlen(text) > MESSAGE_SHOWN) {
+    cut += strlen(text) - MESSAGE_SHOWN;
+    text[MESSAGE_SHOWN] = '\0';
+  }
   char note[200], dropped[80] = "";
-  if (how->err_dropped)
-    snprintf(dropped, sizeof dropped, " [and %zu more bytes on stderr]", how->err_dropped);
-  nbdserve_error("sh: %s %s: %s%s%s", script_given, method,
-                 *text ? text : err ? strerror(err) : "failed, saying nothing on stderr",
-                 dropped, status_note(how->status, note, sizeof note));
+  if (cut)
+    snprintf(dropped, sizeof dropped, " [and %zu more bytes on stderr]", cut);
+  void (*say)(const char *, ...) = err == ENOTSUP && strcmp(method, "zero") == 0
+                                     ? nbdserve_debug : nbdserve_error;
+  say("sh: %s %s: %s%s%s", script_given, method,
+      *text ? text : err ? strerror(err) : "failed, saying nothing on stderr", dropped,
+      status_note(how->status, note, sizeof note));
   nbdserve_set_error(err ? err : EIO);
 }
 
