@@ -299,7 +299,7 @@ refused "a longer filter struct with a new field set: refused, naming both sizes
     --filter=./v1filter-grown-set.so ./v1plugin.so
 
 # ---- Thread-model defaults ---------------------------------------------------
-dump() { nbdserve --dump-plugin "$@" 2>&1 | grep -E 'thread_model=' | tr '\n' ' '; }
+dump() { nbdserve --dump-plugin "$@" 2>&1 | grep -E '^(filter_[a-z0-9_-]+_|chain_)?thread_model=' | tr '\n' ' '; }
 is "an unset plugin thread model is SERIALIZE_CONNECTIONS" "$(dump ./v1plugin.so)" \
    "thread_model=serialize_connections chain_thread_model=serialize_connections "
 build_v1 v1plugin-parallel.so -DTHREAD_MODEL=NBDSERVE_THREAD_MODEL_PARALLEL "$tmp/v1plugin.c"
