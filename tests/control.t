@@ -190,10 +190,14 @@ for s in socks:
     elif data.startswith(b"error: too many control clients"): refused += 1
     else: other += 1
     s.close()
-print(served, refused, other)
+# At most 64 at once: a client still waiting in the listen queue when
+# an earlier one has closed may be served in its place.
+print("ok" if served >= 64 and served + refused == 100 and other == 0 else "bad",
+      served, refused, other)
 PY
 )
-is "100 clients at once: 64 served, the others refused politely" "$out" "64 36 0"
+is "100 clients at once: 64 or more served (64 at a time), the others refused politely" \
+   "${out%% *}" "ok" || diag "served, refused, other: ${out#* }"
 
 out=$(python - "$tmp/ctl" <<'PY'
 import os, random, socket, sys, time
