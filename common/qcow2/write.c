@@ -341,13 +341,20 @@ static int write_piece(struct qcow2_overlay *ov, const uint8_t *data, uint64_t n
   return -EIO; /* not reached */
 }
 
-int qcow2_overlay_write(struct qcow2_overlay *ov, const void *buf, uint64_t count, uint64_t offset, bool fua)
+/* What every change (write, zero, trim) does first: refuse it on a
+ * frozen layer or outside the disk, then mark its granules dirty. */
+static int begin_change(struct qcow2_overlay *ov, uint64_t count, uint64_t offset)
 {
   if (ov->frozen)
     return -EROFS;
   if (offset > ov->size || count > ov->size - offset)
     return -EINVAL;
-  int r = bitmaps_mark(ov, offset, count);
+  return bitmaps_mark(ov, offset, count);
+}
+
+int qcow2_overlay_write(struct qcow2_overlay *ov, const void *buf, uint64_t count, uint64_t offset, bool fua)
+{
+  int r = begin_change(ov, count, offset);
   if (r < 0)
     return r;
   FOR_EACH_PIECE(ov, offset, count, n) {
@@ -463,11 +470,7 @@ static int flush_if_many_pending(struct qcow2_overlay *ov, bool fua)
 
 int qcow2_overlay_zero(struct qcow2_overlay *ov, uint64_t count, uint64_t offset, bool may_trim, bool fua)
 {
-  if (ov->frozen)
-    return -EROFS;
-  if (offset > ov->size || count > ov->size - offset)
-    return -EINVAL;
-  int r = bitmaps_mark(ov, offset, count);
+  int r = begin_change(ov, count, offset);
   if (r < 0)
     return r;
   FOR_EACH_PIECE(ov, offset, count, n) {
@@ -479,11 +482,7 @@ int qcow2_overlay_zero(struct qcow2_overlay *ov, uint64_t count, uint64_t offset
 
 int qcow2_overlay_trim(struct qcow2_overlay *ov, uint64_t count, uint64_t offset, bool fua)
 {
-  if (ov->frozen)
-    return -EROFS;
-  if (offset > ov->size || count > ov->size - offset)
-    return -EINVAL;
-  int r = bitmaps_mark(ov, offset, count);
+  int r = begin_change(ov, count, offset);
   if (r < 0)
     return r;
   FOR_EACH_PIECE(ov, offset, count, n) {
