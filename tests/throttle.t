@@ -12,7 +12,7 @@ import nbdtest
 from nbdtest import nbd
 
 MiB = 1 << 20
-t = nbdtest.Test(plan=24, filters=("throttle",))
+t = nbdtest.Test(plan=25, filters=("throttle",))
 CTL = os.path.join(nbdtest.TOP, "nbdserve-ctl")
 
 # Data, not holes: the server answers holes without a read, and so
@@ -176,19 +176,29 @@ def threads():
                 return int(line.split()[1])
 
 
+def cpu_seconds():
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def probe(n=150):
+    """p99 and max latency of n 4K reads, and the server's CPU seconds
+    and the wall seconds they took."""
     lat = []
+    cpu0, wall0 = cpu_seconds(), time.monotonic()
     for i in range(n):
         t0 = time.monotonic()
         probe_h.pread(4096, (i * 4096) % (50 * MiB))
         lat.append(time.monotonic() - t0)
         time.sleep(0.03)
     lat.sort()
-    return lat[int(len(lat) * 0.99) - 1]
+    return (lat[int(len(lat) * 0.99) - 1], lat[-1],
+            cpu_seconds() - cpu0, time.monotonic() - wall0)
 
 
 probe_h = t.connect(uri)
-idle_p99 = probe()
+idle_p99, idle_max, idle_cpu, idle_wall = probe()
 threads_idle = threads()
 hs = [t.connect(uri) for _ in range(500)]
 for i, h in enumerate(hs):
@@ -196,20 +206,27 @@ for i, h in enumerate(hs):
 time.sleep(0.5)
 for h in hs:
     h.poll(0)
-busy_p99 = probe()
+busy_p99, busy_max, busy_cpu, busy_wall = probe()
 threads_busy = threads()
 waiting = sum(h.aio_in_flight() for h in hs)
 t.is_(waiting, 500, "500 connections each have a throttled 4 MiB read waiting")
 t.ok(threads_busy <= threads_idle, "... and the server has %d threads (%d idle)"
      % (threads_busy, threads_idle))
-if nbdtest.SANITIZED:
-    # Sanitizer builds run many times slower and unevenly: a latency
-    # figure means nothing there (the waits still hold no thread: above).
-    t.skip("p99 latency: not measured in a sanitizer build")
-else:
-    t.ok(busy_p99 <= 2 * idle_p99 + 0.0002,
-         "... another connection's 4K reads: p99 %.3f ms (idle server: %.3f ms)"
-         % (busy_p99 * 1e3, idle_p99 * 1e3))
+# The probe has its own connection and bucket: it must never queue behind
+# the waiting reads (each of which waits some 20 s) nor share a loop busy
+# with them.  What that needs is checked with bounds no busy machine
+# reaches by chance: every probe read answered well under a second, and
+# the server's CPU time while 500 reads wait about what it is idle (a
+# wait that polled would burn a CPU).  The p99 figures are reported, not
+# compared: latency on a loaded CI machine is a benchmark's business.
+slack = 4 if nbdtest.SANITIZED else 1   # sanitizer builds run several times slower
+t.ok(busy_max < 0.5 * slack,
+     "... another connection's 4K reads are answered at once: max %.1f ms, "
+     "p99 %.3f ms (idle server: p99 %.3f ms)"
+     % (busy_max * 1e3, busy_p99 * 1e3, idle_p99 * 1e3))
+t.ok(busy_cpu < 1.0 * slack,
+     "... and the 500 waits cost the server %.2f s of CPU over %.1f s (idle: %.2f s)"
+     % (busy_cpu, busy_wall, idle_cpu))
 # Leaving with the reads waiting cuts their waits short.
 t0 = time.monotonic()
 for h in hs:
@@ -321,12 +338,12 @@ p99 = lats[int(len(lats) * 0.99) - 1] if lats else 1.0
 t.ok(within(big + small, 10) and nbig >= 2,
      "32 MiB reads (%.2f MiB/s) and 4K reads (%.2f MiB/s) together get the rate (10 +- 10%%)"
      % (big, small))
-if nbdtest.SANITIZED:
-    t.skip("small reads' latency: not measured in a sanitizer build")
-else:
-    t.ok(p99 < 0.05 and nsmall / 7.0 > 50,
-         "... and the 4K reads are not starved: %.0f a second, p99 latency %.1f ms (< 50)"
-         % (nsmall / 7.0, p99 * 1e3))
+# Starved, a 4K read would wait out a whole 32 MiB read (3.2 s); taking
+# turns, about a piece (10 ms).  The bound sits between the two, far from
+# both, so a loaded machine does not trip it; the figure is reported.
+t.ok(p99 < (2.0 if nbdtest.SANITIZED else 0.5) and nsmall / 7.0 > 10,
+     "... and the 4K reads are not starved: %.0f a second, p99 latency %.1f ms "
+     "(a whole 32 MiB read would be 3200)" % (nsmall / 7.0, p99 * 1e3))
 t.stop()
 
 # ---- --help agrees with throttle.md ------------------------------------------------
