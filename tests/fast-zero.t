@@ -137,12 +137,12 @@ start = time.monotonic()
 h.zero(4096, 0)                      # without the flag: zeroed, through the delay
 slow = time.monotonic() - start
 print(err,
-      "fast" if took < 0.05 else "slow %.3f" % took,
+      "fast" if took < 0.5 else "slow %.3f" % took,
       "delayed" if slow >= 0.9 else "undelayed %.3f" % slow,
       h.pread(4096, 0) == bytes(4096))
 PY
 )
-is "fast-zero=slow: FAST_ZERO fails with ENOTSUP in under 50 ms; a plain zero goes down" \
+is "fast-zero=slow: FAST_ZERO fails with ENOTSUP in under 0.5 s; a plain zero goes down" \
    "$out" "ENOTSUP fast delayed True"
 stop_server
 

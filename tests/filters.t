@@ -31,12 +31,12 @@ def server_or_none(name, *args):
 
 
 # ---- delay ----
-h = server_or_none("delay-read", "--filter=delay", "memory", "1M", "delay-read=200ms")
+h = server_or_none("delay-read", "--filter=delay", "memory", "1M", "delay-read=1s")
 if h:
     err, wtime = timed(lambda: h.pwrite(b"delayed!", 0))
     rerr, rtime = timed(lambda: h.pread(8, 0))
-    t.ok(rerr == "no error" and rtime >= 0.19, "delay-read=200ms: a read takes %.3f s" % rtime)
-    t.ok(err == "no error" and wtime < 0.15, "delay-read=200ms: a write is not delayed (%.3f s)" % wtime)
+    t.ok(rerr == "no error" and rtime >= 0.95, "delay-read=1s: a read takes %.3f s" % rtime)
+    t.ok(err == "no error" and wtime < 0.5, "delay-read=1s: a write is not delayed (%.3f s)" % wtime)
     t.ok(h.pread(8, 0) == b"delayed!", "delay-read: the data passes through")
     h.shutdown()
     t.stop()
@@ -44,12 +44,12 @@ else:
     for d in ("delay-read: read delayed", "delay-read: write not", "delay-read: data"):
         t.ok(False, d)
 
-h = server_or_none("delay-write", "--filter=delay", "memory", "1M", "delay-write=200ms")
+h = server_or_none("delay-write", "--filter=delay", "memory", "1M", "delay-write=1s")
 if h:
     err, wtime = timed(lambda: h.pwrite(b"x" * 4096, 0))
     rerr, rtime = timed(lambda: h.pread(4096, 0))
-    t.ok(err == "no error" and wtime >= 0.19, "delay-write=200ms: a write takes %.3f s" % wtime)
-    t.ok(rerr == "no error" and rtime < 0.15, "delay-write=200ms: a read is not delayed (%.3f s)" % rtime)
+    t.ok(err == "no error" and wtime >= 0.95, "delay-write=1s: a write takes %.3f s" % wtime)
+    t.ok(rerr == "no error" and rtime < 0.5, "delay-write=1s: a read is not delayed (%.3f s)" % rtime)
     # Delays on one connection do not serialize the others' requests.
     hs = [t.connect(uri) for _ in range(4)]
     start = time.monotonic()
@@ -59,7 +59,7 @@ if h:
         while o.aio_in_flight():
             o.poll(-1)
     took = time.monotonic() - start
-    t.ok(took < 0.6, "four delayed writes on four connections overlap (%.3f s)" % took)
+    t.ok(took < 2.5, "four delayed writes on four connections overlap (%.3f s)" % took)
     for o in hs:
         o.shutdown()
     h.shutdown()
@@ -136,16 +136,16 @@ else:
 
 # ---- chains: the first --filter named is the outermost ----
 h = server_or_none("chain-de", "--filter=delay", "--filter=error", "memory", "1M",
-                   "delay-read=200ms", "error=EPERM", "error-rate=1", "error-file=" + trigger)
+                   "delay-read=1s", "error=EPERM", "error-rate=1", "error-file=" + trigger)
 if h:
     h.pwrite(b"chained", 0)
     ok_err, ok_time = timed(lambda: h.pread(7, 0))
-    t.ok(ok_err == "no error" and ok_time >= 0.19 and h.pread(7, 0) == b"chained",
+    t.ok(ok_err == "no error" and ok_time >= 0.95 and h.pread(7, 0) == b"chained",
          "delay then error: a read passes both (%.3f s)" % ok_time)
     open(trigger, "w").close()
     err, took = timed(lambda: h.pread(512, 0))
     os.unlink(trigger)
-    t.ok(err == "EPERM" and took >= 0.19,
+    t.ok(err == "EPERM" and took >= 0.95,
          "delay outside error: the EPERM arrives after the delay (%s, %.3f s)" % (err, took))
     h.shutdown()
     t.stop()
@@ -154,12 +154,12 @@ else:
     t.ok(False, "chain delay,error: order")
 
 h = server_or_none("chain-ed", "--filter=error", "--filter=delay", "memory", "1M",
-                   "delay-read=200ms", "error=EPERM", "error-rate=1", "error-file=" + trigger)
+                   "delay-read=1s", "error=EPERM", "error-rate=1", "error-file=" + trigger)
 if h:
     open(trigger, "w").close()
     err, took = timed(lambda: h.pread(512, 0))
     os.unlink(trigger)
-    t.ok(err == "EPERM" and took < 0.15,
+    t.ok(err == "EPERM" and took < 0.5,
          "error outside delay: the EPERM comes at once (%s, %.3f s)" % (err, took))
     h.shutdown()
     t.stop()
