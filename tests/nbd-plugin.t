@@ -356,9 +356,14 @@ back = t.last_server
 uri = front("front-frozen", "socket=" + uri_socket(back_uri))
 fp = t.last_server
 h = t.connect(uri)
-back.send_signal(signal.SIGSTOP)
+t.freeze(back)
 cookie = h.aio_pread(nbd.Buffer(65536), 0)
-h.poll(200)
+# h.poll returns once the request is written; give the front server time
+# to read it and pass it to the frozen backend before SIGTERM, or the
+# server stops with nothing in flight and there is nothing to cut.
+settle = time.monotonic() + 1.5
+while time.monotonic() < settle:
+    h.poll(100)
 t0 = time.monotonic()
 rc = t.stop(fp, timeout=30)
 took = time.monotonic() - t0

@@ -128,6 +128,25 @@ class Test:
         except OSError:
             return ""
 
+    def freeze(self, p, timeout=10):
+        """SIGSTOP a server and wait until every one of its threads is
+        stopped: kill() returns before the stop takes effect, and on a
+        loaded machine a thread can still answer a request after it."""
+        p.send_signal(signal.SIGSTOP)
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            states = []
+            for task in os.listdir("/proc/%d/task" % p.pid):
+                try:
+                    with open("/proc/%d/task/%s/stat" % (p.pid, task)) as f:
+                        states.append(f.read().rsplit(")", 1)[1].split()[0])
+                except OSError:
+                    pass
+            if states and all(s in ("T", "t") for s in states):
+                return
+            time.sleep(0.01)
+        raise RuntimeError("server %s did not stop on SIGSTOP" % p.name)
+
     def stop(self, p=None, sig=signal.SIGTERM, timeout=10):
         """Stop a server (the last one by default); returns its exit status."""
         p = p or self.last_server
