@@ -120,6 +120,10 @@ void conn_free(struct conn *conn)
     close(conn->rfd);
   if (conn->wfd >= 0 && conn->wfd != conn->rfd)
     close(conn->wfd);
+  /* A request's reply goes out before its worker lets go of the request
+   * lock (exec_end), so the last one may still be on its way out. */
+  pthread_mutex_lock(&conn->request_lock);
+  pthread_mutex_unlock(&conn->request_lock);
   pthread_mutex_destroy(&conn->lock);
   pthread_mutex_destroy(&conn->send_lock);
   pthread_mutex_destroy(&conn->request_lock);
@@ -311,13 +315,15 @@ void conn_send_reply(struct request *req)
     conn->queued_bytes += unsent_bytes(req);
     kick = !conn->batching; /* a batching loop flushes by itself */
   }
-  pthread_mutex_unlock(&conn->send_lock);
-
+  /* Kick before letting go of send_lock: once it is released the loop
+   * may write the queued reply, put the request and free the connection
+   * (if it is closing) before this thread could take conn->lock. */
   if (kick) {
     pthread_mutex_lock(&conn->lock);
     conn_kick(conn);
     pthread_mutex_unlock(&conn->lock);
   }
+  pthread_mutex_unlock(&conn->send_lock);
   if (done)
     request_put(req);
 }
