@@ -19,6 +19,7 @@
 #include <string.h>
 #include <sys/stat.h>
 
+#include "extents-walk.h"
 #include "nbdserve-plugin.h"
 #include "overlay-plugin.h"
 
@@ -475,14 +476,10 @@ static int ovl_flush(void *handle, uint32_t flags)
 
 /* ---- Extents ---------------------------------------------------------------------- */
 
-#define MAX_STRETCHES 64 /* a reply may cover less than asked; the client asks again */
-
-typedef int stretch_fn(struct qcow2_overlay *ov, const char *context, uint64_t offset, uint64_t max,
-                       uint64_t *length, uint64_t *flags);
-
-static int allocation_stretch(struct qcow2_overlay *ov, const char *context, uint64_t offset, uint64_t max,
+static int allocation_stretch(void *source, const char *context, uint64_t offset, uint64_t max,
                               uint64_t *length, uint64_t *flags)
 {
+  struct qcow2_overlay *ov = source;
   struct qcow2_status st;
   int r = qcow2_overlay_block_status(ov, offset, max, &st);
   if (r < 0)
@@ -495,9 +492,10 @@ static int allocation_stretch(struct qcow2_overlay *ov, const char *context, uin
   return 0;
 }
 
-static int bitmap_stretch(struct qcow2_overlay *ov, const char *context, uint64_t offset, uint64_t max,
+static int bitmap_stretch(void *source, const char *context, uint64_t offset, uint64_t max,
                           uint64_t *length, uint64_t *flags)
 {
+  struct qcow2_overlay *ov = source;
   const char *name = context + strlen(BITMAP_PREFIX);
   for (size_t i = 0; i < qcow2_overlay_bitmap_count(ov); i++)
     if (strcmp(qcow2_overlay_bitmap_name(ov, i), name) == 0) {
@@ -510,25 +508,9 @@ static int bitmap_stretch(struct qcow2_overlay *ov, const char *context, uint64_
 }
 
 static int describe(void *handle, const char *context, uint64_t count, uint64_t offset,
-                    struct nbdserve_extents *extents, stretch_fn *next)
+                    struct nbdserve_extents *extents, extents_stretch_fn *next)
 {
-  struct qcow2_overlay *ov = use(handle);
-  uint64_t end = offset + count, pos = offset;
-  int r = 0;
-  for (int i = 0; r == 0 && i < MAX_STRETCHES && pos < end; i++) {
-    uint64_t length, flags;
-    if ((r = next(ov, context, pos, end - pos, &length, &flags)) < 0)
-      break;
-    if (nbdserve_add_extent(extents, pos, length, flags) == -1) {
-      done();
-      return -1;
-    }
-    uint64_t reached = nbdserve_extents_end(extents);
-    if (reached <= pos)
-      break; /* the builder is full */
-    pos = reached;
-  }
-  return result(r);
+  return result(extents_walk(extents, use(handle), context, offset, count, next));
 }
 
 static int ovl_extents(void *handle, uint64_t count, uint64_t offset, uint32_t flags,

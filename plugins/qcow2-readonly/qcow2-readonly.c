@@ -16,6 +16,7 @@
 #include <string.h>
 #include <sys/stat.h>
 
+#include "extents-walk.h"
 #include "nbdserve-plugin.h"
 #include "qcow2/qcow2.h"
 
@@ -257,41 +258,21 @@ static int q2_pread(void *handle, void *buf, uint32_t count, uint64_t offset, ui
   return 0;
 }
 
-/* Stretches one BLOCK_STATUS reply looks up at most: the protocol lets a
- * reply cover less than was asked, and the client asks again from where
- * it ends, so a huge disk costs many short requests, not one long one. */
-#define MAX_STRETCHES 64
-
-/* Describes [offset, offset+count) through `next`, one stretch at a time,
- * until the range is covered, the builder wants no more, or
- * MAX_STRETCHES were looked up. */
-typedef int stretch_fn(struct qcow2_chain *c, const char *context, uint64_t offset, uint64_t max,
-                       uint64_t *length, uint64_t *flags);
-
 static int describe(void *handle, const char *context, uint64_t count, uint64_t offset,
-                    struct nbdserve_extents *extents, stretch_fn *next)
+                    struct nbdserve_extents *extents, extents_stretch_fn *next)
 {
-  uint64_t end = offset + count, pos = offset;
-  for (int i = 0; i < MAX_STRETCHES && pos < end; i++) {
-    uint64_t length, flags;
-    int r = next(handle, context, pos, end - pos, &length, &flags);
-    if (r < 0) {
-      nbdserve_set_error(-r);
-      return -1;
-    }
-    if (nbdserve_add_extent(extents, pos, length, flags) == -1)
-      return -1;
-    uint64_t reached = nbdserve_extents_end(extents);
-    if (reached <= pos)
-      break; /* the builder is full */
-    pos = reached;
+  int r = extents_walk(extents, handle, context, offset, count, next);
+  if (r < 0) {
+    nbdserve_set_error(-r);
+    return -1;
   }
   return 0;
 }
 
-static int allocation_stretch(struct qcow2_chain *c, const char *context, uint64_t offset, uint64_t max,
+static int allocation_stretch(void *source, const char *context, uint64_t offset, uint64_t max,
                               uint64_t *length, uint64_t *flags)
 {
+  struct qcow2_chain *c = source;
   struct qcow2_status st;
   int r = qcow2_block_status(c, offset, max, &st);
   if (r < 0)
@@ -304,9 +285,10 @@ static int allocation_stretch(struct qcow2_chain *c, const char *context, uint64
   return 0;
 }
 
-static int bitmap_stretch(struct qcow2_chain *c, const char *context, uint64_t offset, uint64_t max,
+static int bitmap_stretch(void *source, const char *context, uint64_t offset, uint64_t max,
                           uint64_t *length, uint64_t *flags)
 {
+  struct qcow2_chain *c = source;
   for (size_t i = 0; i < nserved; i++)
     if (strcmp(served_names[i], context) == 0) {
       bool dirty;
@@ -328,7 +310,7 @@ static int q2_meta_extents(void *handle, const char *context, uint64_t count, ui
                            uint32_t flags, struct nbdserve_extents *extents)
 {
   (void) flags;
-  stretch_fn *fn = strcmp(context, DEPTH_CONTEXT) == 0 ? allocation_stretch : bitmap_stretch;
+  extents_stretch_fn *fn = strcmp(context, DEPTH_CONTEXT) == 0 ? allocation_stretch : bitmap_stretch;
   return describe(handle, context, count, offset, extents, fn);
 }
 
