@@ -30,7 +30,7 @@ QCOW2_FUZZ_OBJS := $(patsubst common/qcow2/%.c,fuzz/build/qcow2-lib/%.o,$(wildca
 FUZZ_PLUGIN  := fuzz/build/nbdserve-memory-plugin.so
 
 .PHONY: fuzz fuzz-build
-.SECONDARY: $(FUZZ_OBJS) $(QCOW2_FUZZ_OBJS)
+.SECONDARY: $(FUZZ_OBJS) $(QCOW2_FUZZ_OBJS) fuzz/build/qcow2-files.o
 fuzz-build: $(FUZZ_BINS) $(FUZZ_PLUGIN)
 
 $(FUZZ_PLUGIN): $(wildcard plugins/memory/*.c plugins/memory/*.h include/*.h)
@@ -49,11 +49,15 @@ fuzz/build/qcow2-lib/%.o: common/qcow2/%.c $(wildcard common/qcow2/*.h)
 	@mkdir -p fuzz/build/qcow2-lib
 	$(FUZZ_CC) $(FUZZ_CFLAGS) -c $< -o $@
 
-fuzz/build/qcow2: fuzz/qcow2.c $(QCOW2_FUZZ_OBJS)
+fuzz/build/qcow2-files.o: fuzz/qcow2-files.c fuzz/qcow2-files.h $(wildcard common/qcow2/*.h)
+	@mkdir -p fuzz/build
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -c $< -o $@
+
+fuzz/build/qcow2: fuzz/qcow2.c fuzz/build/qcow2-files.o $(QCOW2_FUZZ_OBJS)
 	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer $^ -o $@ -lz -lzstd
 
 # The overlay target: the same library, opened for writing.
-fuzz/build/qcow2-overlay: fuzz/qcow2-overlay.c $(QCOW2_FUZZ_OBJS)
+fuzz/build/qcow2-overlay: fuzz/qcow2-overlay.c fuzz/build/qcow2-files.o $(QCOW2_FUZZ_OBJS)
 	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer $^ -o $@ -lz -lzstd
 
 # The plugin the harness loads finds the nbdserve_* functions through the

@@ -15,7 +15,6 @@
  *
  * SPDX-License-Identifier: BSD-3-Clause
  */
-#include <stdarg.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -24,83 +23,40 @@
 #include <unistd.h>
 
 #include "../common/qcow2/overlay.h"
+#include "qcow2-files.h"
 
 int LLVMFuzzerInitialize(int *argc, char ***argv);
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
 #define IO_BYTES 70000 /* more than a 64K cluster: a write covers one whole and parts of others */
 
-static char dir[4096], image_path[4200];
+static char image_path[4200];
 static int image_fd = -1;
 static uint8_t *pattern, *back;
-static bool verbose;
-
-static void log_discard(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static void log_discard(const char *fmt, ...)
-{
-  char msg[512];
-  va_list ap;
-  va_start(ap, fmt);
-  vsnprintf(msg, sizeof msg, fmt, ap);
-  va_end(ap);
-  if (verbose)
-    fprintf(stderr, "%s\n", msg);
-}
-
-static void die(const char *what)
-{
-  perror(what);
-  exit(1);
-}
-
-static void remove_dir(void)
-{
-  unlink(image_path);
-  rmdir(dir);
-}
 
 int LLVMFuzzerInitialize(int *argc, char ***argv)
 {
   (void) argc;
   (void) argv;
-  const char *tmp = getenv("TMPDIR");
-  snprintf(dir, sizeof dir, "%s/nbdserve-fuzz-overlay.XXXXXX", tmp && *tmp ? tmp : "/tmp");
-  if (mkdtemp(dir) == NULL)
-    die("mkdtemp");
-  snprintf(image_path, sizeof image_path, "%s/overlay", dir);
-  image_fd = memfd_create("qcow2-overlay", MFD_CLOEXEC);
-  if (image_fd == -1)
-    die("memfd_create");
-  char target[64];
-  snprintf(target, sizeof target, "/proc/self/fd/%d", image_fd);
-  if (symlink(target, image_path) == -1)
-    die(image_path);
-  atexit(remove_dir);
-  verbose = getenv("QCOW2_FUZZ_LOG") != NULL;
-  qcow2_set_logger(log_discard, log_discard);
+  qfuzz_make_dir("nbdserve-fuzz-overlay");
+  image_fd = qfuzz_file("overlay", image_path, sizeof image_path);
+  qfuzz_quiet_logger();
   pattern = malloc(IO_BYTES);
   back = malloc(IO_BYTES);
   if (pattern == NULL || back == NULL)
-    die("malloc");
+    qfuzz_die("malloc");
   for (size_t i = 0; i < IO_BYTES; i++)
     pattern[i] = (uint8_t) (i * 7 + 1);
   return 0;
 }
 
+/* The input, with its backing file name cleared (see the top). */
 static void fill(const uint8_t *data, size_t size)
 {
-  if (ftruncate(image_fd, 0) == -1)
-    die("ftruncate");
-  size_t done = 0;
-  while (done < size) {
-    ssize_t n = pwrite(image_fd, data + done, size - done, (off_t) done);
-    if (n <= 0)
-      die("pwrite");
-    done += (size_t) n;
-  }
+  qfuzz_fill(image_fd, data, size);
   static const uint8_t no_backing[12];
   if (size >= 20 && pwrite(image_fd, no_backing, sizeof no_backing, 8) != sizeof no_backing)
-    die("pwrite");
+    qfuzz_die("pwrite");
 }
 
 static void fail(const char *what, uint64_t offset)

@@ -31,7 +31,6 @@
  * SPDX-License-Identifier: BSD-3-Clause
  */
 #include <inttypes.h>
-#include <stdarg.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -40,6 +39,7 @@
 #include <unistd.h>
 
 #include "../common/qcow2/qcow2.h"
+#include "qcow2-files.h"
 
 int LLVMFuzzerInitialize(int *argc, char ***argv);
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
@@ -56,87 +56,25 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 /* How much of a zero stretch the zero check reads. */
 #define ZERO_CHECK (64u << 10)
 
-static char dir[4096], image_path[4200], backing_path[4200], absent_path[4200];
+static char image_path[4200], backing_path[4200], absent_path[4200];
 static int image_fd = -1, backing_fd = -1;
 static uint8_t *buf_whole, *buf_pieces, *copy;
-
-static bool verbose; /* QCOW2_FUZZ_LOG set: the library's messages go to stderr */
-
-/* Formats the message and drops it: silent, but a bad format argument
- * (a string without its NUL, a wrong type) still reaches the sanitizers.
- * When reproducing a crash, QCOW2_FUZZ_LOG=1 shows what the library saw. */
-static void log_discard(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static void log_discard(const char *fmt, ...)
-{
-  char msg[512];
-  va_list ap;
-  va_start(ap, fmt);
-  vsnprintf(msg, sizeof msg, fmt, ap);
-  va_end(ap);
-  if (verbose)
-    fprintf(stderr, "%s\n", msg);
-}
-
-static void remove_dir(void)
-{
-  unlink(image_path);
-  unlink(backing_path);
-  rmdir(dir);
-}
-
-static void die(const char *what)
-{
-  perror(what);
-  exit(1);
-}
-
-static void link_fd(int fd, const char *path)
-{
-  char target[64];
-  snprintf(target, sizeof target, "/proc/self/fd/%d", fd);
-  if (symlink(target, path) == -1)
-    die(path);
-}
 
 int LLVMFuzzerInitialize(int *argc, char ***argv)
 {
   (void) argc;
   (void) argv;
-  const char *tmp = getenv("TMPDIR");
-  snprintf(dir, sizeof dir, "%s/nbdserve-fuzz-qcow2.XXXXXX", tmp && *tmp ? tmp : "/tmp");
-  if (mkdtemp(dir) == NULL)
-    die("mkdtemp");
-  snprintf(image_path, sizeof image_path, "%s/image", dir);
-  snprintf(backing_path, sizeof backing_path, "%s/backing", dir);
-  snprintf(absent_path, sizeof absent_path, "%s/absent", dir);
-  image_fd = memfd_create("qcow2-image", MFD_CLOEXEC);
-  backing_fd = memfd_create("qcow2-backing", MFD_CLOEXEC);
-  if (image_fd == -1 || backing_fd == -1)
-    die("memfd_create");
-  link_fd(image_fd, image_path);
-  link_fd(backing_fd, backing_path);
-  atexit(remove_dir);
-  verbose = getenv("QCOW2_FUZZ_LOG") != NULL;
-  qcow2_set_logger(log_discard, log_discard);
+  qfuzz_make_dir("nbdserve-fuzz-qcow2");
+  image_fd = qfuzz_file("image", image_path, sizeof image_path);
+  backing_fd = qfuzz_file("backing", backing_path, sizeof backing_path);
+  qfuzz_absent("absent", absent_path, sizeof absent_path);
+  qfuzz_quiet_logger();
   /* Kept for the whole run (never freed, so never reported as leaks). */
   buf_whole = malloc(MAX_READ);
   buf_pieces = malloc(MAX_READ);
   if (buf_whole == NULL || buf_pieces == NULL)
-    die("malloc");
+    qfuzz_die("malloc");
   return 0;
-}
-
-static void fill(int fd, const uint8_t *data, size_t size)
-{
-  if (ftruncate(fd, 0) == -1)
-    die("ftruncate");
-  size_t done = 0;
-  while (done < size) {
-    ssize_t n = pwrite(fd, data + done, size - done, (off_t) done);
-    if (n <= 0)
-      die("pwrite");
-    done += (size_t) n;
-  }
 }
 
 static uint64_t be(const uint8_t *p, unsigned bytes)
@@ -273,7 +211,7 @@ static void count_file(int fd, const char *path, void *opaque)
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
-  fill(image_fd, data, size);
+  qfuzz_fill(image_fd, data, size);
 
   struct qcow2_options options = {
     .cache_bytes = CACHE_BYTES,
@@ -291,12 +229,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
       options.no_backing = false;
       copy = realloc(copy, size);
       if (copy == NULL)
-        die("realloc");
+        qfuzz_die("realloc");
       memcpy(copy, data, size);
       memset(copy + 8, 0, 12); /* no backing file */
       if (size >= 80 && be(copy + 4, 4) == 3)
         copy[79] &= (uint8_t) ~4u; /* guest data inside the file */
-      fill(backing_fd, copy, size);
+      qfuzz_fill(backing_fd, copy, size);
     }
   }
 
