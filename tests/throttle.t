@@ -113,9 +113,10 @@ for p in procs:
 for i, e in enumerate(ends):
     t.ok(within(50 / e, 10), "connection-rate=10M: connection %d reads 50 MiB at %.2f MiB/s "
          "(10 +- 10%%)" % (i + 1, 50 / e))
-t.ok(during < max(3 * alone, 0.2) and 50 / during > 100,
-     "... while an unthrottled server reads it at %.0f MiB/s (alone: %.0f MiB/s)"
-     % (50 / during, 50 / alone))
+# Not a speed check: a read throttled like the others would take 5 s.
+t.ok(during < 2.5,
+     "... while an unthrottled server reads it in %.2f s (alone: %.2f s)"
+     % (during, alone))
 t.stop()
 t.stop(t.servers[-1])
 
@@ -206,9 +207,11 @@ for i, h in enumerate(hs):
 time.sleep(0.5)
 for h in hs:
     h.poll(0)
+# Counted now, 0.5 s into waits of 20 s: on a loaded machine the probe
+# below can take long enough for the first waits to end.
+waiting = sum(h.aio_in_flight() for h in hs)
 busy_p99, busy_max, busy_cpu, busy_wall = probe()
 threads_busy = threads()
-waiting = sum(h.aio_in_flight() for h in hs)
 t.is_(waiting, 500, "500 connections each have a throttled 4 MiB read waiting")
 t.ok(threads_busy <= threads_idle, "... and the server has %d threads (%d idle)"
      % (threads_busy, threads_idle))

@@ -112,7 +112,7 @@ out=$(timeout -k 5 "$CLIENT_TIMEOUT" nbdserve -U - --filter=./skip.so ./ramblock
 like "skip= past the end of the disk: the client is refused, the server says why" "$out" \
      'skip: skip=2097152 is more than the whole disk \(1048576 bytes\)'
 # (A sanitizer's calloc would stop the process instead of failing.)
-out=$(ASAN_OPTIONS=allocator_may_return_null=1 TSAN_OPTIONS=allocator_may_return_null=1 timeout -k 5 "$CLIENT_TIMEOUT" \
+out=$(ASAN_OPTIONS=allocator_may_return_null=1 TSAN_OPTIONS="allocator_may_return_null=1 ${TSAN_OPTIONS:-}" timeout -k 5 "$CLIENT_TIMEOUT" \
       nbdserve -U - ./ramblocks.so 1E --run true 2>&1); rc=$?
 like "a disk too big for its block table is refused at start-up" "$rc $(echo "$out" | grep ramblocks:)" \
      '^1 nbdserve: ramblocks: size=1152921504606846976 is too big: no memory for its block table$'
