@@ -379,14 +379,18 @@ sock = os.path.join(tmp, "phoenix.sock")
 
 
 def start_phoenix(byte):
+    """A new backend at the same path, holding BYTE: written before the
+    socket moves there, so a front server waiting to reconnect can never
+    read the backend before it holds the byte."""
     global phoenix
     t.server("phoenix", "memory", "16M")
     phoenix = t.last_server
-    os.rename(phoenix.sock, sock)  # the same path every time
-    phoenix.sock = sock
-    hb = t.connect("nbd+unix:///?socket=" + sock)
+    hb = t.connect("nbd+unix:///?socket=" + phoenix.sock)
     hb.pwrite(bytes([byte]) * 4096, 0)
     hb.shutdown()
+    del hb
+    os.rename(phoenix.sock, sock)  # the same path every time
+    phoenix.sock = sock
 
 
 start_phoenix(1)
