@@ -89,11 +89,46 @@ static struct request *request_new(void)
   return req ? req : calloc(1, sizeof *req);
 }
 
+/* Unused large buffers of all connections (each conn->kept_large_bytes
+ * is a part of it). */
+static size_t kept_large_all;
+
+/* REQ's buffer, if it is large (over KEEP_BUFFER_SIZE). */
+static size_t large_part(const struct request *req)
+{
+  return req->buf_size > KEEP_BUFFER_SIZE ? req->buf_size : 0;
+}
+
+/* conn->lock held: REQ goes back to the free list; may its buffer,
+ * LARGE bytes, stay with it? */
+static bool keep_large(struct conn *conn, size_t large)
+{
+  if (conn->kept_large_bytes + large > MAX_KEPT_LARGE_BYTES)
+    return false;
+  if (__atomic_add_fetch(&kept_large_all, large, __ATOMIC_RELAXED) > MAX_KEPT_LARGE_BYTES_ALL) {
+    __atomic_sub_fetch(&kept_large_all, large, __ATOMIC_RELAXED);
+    return false;
+  }
+  conn->kept_large_bytes += large;
+  return true;
+}
+
+/* conn->lock held (or the connection is being freed): a kept large
+ * buffer is in use again, or leaves the connection. */
+static void unkeep_large(struct conn *conn, size_t large)
+{
+  if (large == 0)
+    return;
+  conn->kept_large_bytes -= large;
+  __atomic_sub_fetch(&kept_large_all, large, __ATOMIC_RELAXED);
+}
+
 void conn_free(struct conn *conn)
 {
   struct request *req, *next;
   for (req = conn->free_requests; req; req = next) {
     next = req->next;
+    unkeep_large(conn, large_part(req));
     request_retire(req);
   }
   for (req = conn->send_head; req; req = next) { /* only after a write error */
@@ -167,8 +202,10 @@ struct request *request_get(struct conn *conn)
     return NULL;
   }
   req = conn->free_requests;
-  if (req)
+  if (req) {
     conn->free_requests = req->next;
+    unkeep_large(conn, large_part(req));
+  }
   conn->in_flight++;
   pthread_mutex_unlock(&conn->lock);
 
@@ -202,13 +239,15 @@ struct request *request_get(struct conn *conn)
 void request_put(struct request *req)
 {
   struct conn *conn = req->conn;
+  char *drop = NULL;
 
-  if (req->buf_size > KEEP_BUFFER_SIZE) {
-    free(req->buf);
+  pthread_mutex_lock(&conn->lock);
+  size_t large = large_part(req);
+  if (large && !keep_large(conn, large)) {
+    drop = req->buf;
     req->buf = NULL;
     req->buf_size = 0;
   }
-  pthread_mutex_lock(&conn->lock);
   req->next = conn->free_requests;
   conn->free_requests = req;
   conn->in_flight--;
@@ -218,6 +257,7 @@ void request_put(struct request *req)
   if (conn->read_paused || conn->state == CONN_CLOSING)
     conn_kick(conn);
   pthread_mutex_unlock(&conn->lock);
+  free(drop); /* not under the lock: unmapping a large buffer takes a while */
 }
 
 int request_reserve(struct request *req, size_t size)
