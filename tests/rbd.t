@@ -11,7 +11,7 @@ for p in ceph-mon ceph-osd ceph rbd rados; do
 done
 [ -n "${NBDSERVE_BINARY:-}" ] || [ -f "$top/plugins/rbd/nbdserve-rbd-plugin.so" ] ||
     skip_all "the rbd plugin is not built (librbd-dev missing)"
-plan 35
+plan 38
 
 cdir=$tmp/ceph
 cluster() { "$top/tests/lib/ceph-cluster.sh" "$@"; }
@@ -77,6 +77,74 @@ nbdsh -u "$uri" -c 'h.pwrite(b"\1" * (4 << 20), 8 << 20); h.flush()'
 is "base:allocation: the one object written is data, the rest holes" \
     "$(nbdinfo --map "$uri" | awk '{print $1, $2, $3}' | tr '\n' ' ')" \
     "0 8388608 3 8388608 4194304 0 12582912 4194304 3 "
+
+# Without fast-diff every object is a question to an OSD, so answers are
+# learned ahead of the client's questions (status.c); what was learned
+# must stay true: data found stays data, a hole stops being one when
+# this server writes it, or (another front end wrote it) 2 s on.
+rbd create --size 512M --image-feature layering rbd/ahead
+start_server ahead rbd rbd/ahead conf="$conf"
+ahead_uri=$uri
+nbdsh -u "$uri" -c '
+for obj in (0, 40, 100, 127):
+    h.pwrite(bytes([obj + 1]) * (4 << 20), obj << 22)
+h.pwrite(b"\1" * 4096, (70 << 22) + 8192)             # a part of object 70
+h.flush()'
+is "base:allocation of 128 objects in one question: the five written are data" \
+    "$(nbdinfo --map "$uri" | awk '$3 == 0 {print $1, $2}' | tr '\n' ' ')" \
+    "0 4194304 167772160 4194304 293601280 12288 419430400 4194304 532676608 4194304 "
+# Asked 32 MiB at a time, as a copy asks (nbdcopy: 128 MiB), most
+# answers come from what the look-ahead found (a new server: nothing
+# known yet).
+start_server ahead-map rbd rbd/ahead conf="$conf"
+python - "$uri" << 'EOF' > "$tmp/ahead-map.out" 2>&1
+import sys, nbd
+h = nbd.NBD()
+h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+h.connect_uri(sys.argv[1])
+size, pos, data = h.get_size(), 0, []
+def collect(ctx, offset, entries, err):
+    global pos
+    for i in range(0, len(entries), 2):
+        if entries[i + 1] & nbd.STATE_HOLE == 0:
+            if data and data[-1][0] + data[-1][1] == pos:
+                data[-1][1] += entries[i]
+            else:
+                data.append([pos, entries[i]])
+        pos += entries[i]
+while pos < size:
+    h.block_status(min(32 << 20, size - pos), pos, collect)
+print(" ".join("%d %d" % (o, n) for o, n in data))
+EOF
+is "base:allocation of 128 objects, asked 32 MiB at a time: the five written are data" \
+    "$(cat "$tmp/ahead-map.out")" \
+    "0 4194304 167772160 4194304 293601280 12288 419430400 4194304 532676608 4194304"
+start_server ahead2 rbd rbd/ahead conf="$conf"
+python - "$ahead_uri" "$uri" << 'EOF' > "$tmp/ahead.out" 2>&1
+import sys, time, nbd
+def connect(uri):
+    h = nbd.NBD()
+    h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+    h.connect_uri(uri)
+    return h
+a, b = connect(sys.argv[1]), connect(sys.argv[2])
+def data(h, obj):
+    flags = []
+    h.block_status(4096, obj << 22, lambda ctx, off, entries, err: flags.append(entries[1]))
+    return flags[0] & nbd.STATE_HOLE == 0
+assert not data(a, 8) and not data(a, 9), "objects 8 and 9 are holes"
+a.pwrite(b"\xaa" * 4096, 8 << 22)
+assert data(a, 8), "a hole this server wrote is still reported as a hole"
+assert not data(a, 9)
+b.pwrite(b"\xbb" * 4096, 9 << 22)
+b.flush()
+time.sleep(3)
+assert data(a, 9), "another front end's write into a hole is not seen 3 s later"
+print("ok")
+EOF
+contains "learned holes: gone at this server's write, and 2 s after another's" \
+    "$tmp/ahead.out" "^ok$"
+diag_file "$tmp/ahead.out"
 
 # ---- snapshots as dirty bitmaps, incremental backup ---------------------
 rbd snap create rbd/disk@s1 > /dev/null 2>&1

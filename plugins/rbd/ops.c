@@ -157,6 +157,8 @@ static void op_finished(rbd_completion_t c, void *arg)
   struct handle *h = op->h;
   ssize_t r = rbd_aio_get_return_value(c);
   rbd_aio_release(c);
+  if (op->kind == OP_WRITE && !op->flushing)
+    rbd_note_write(); /* before the answer: see write_epoch in status.c */
 
   pthread_mutex_lock(&h->lock);
   op->err = r < 0 ? (int) -r : 0;
@@ -189,6 +191,7 @@ static int start_in_librbd(struct op *op)
       r = rbd_aio_read(image, op->offset, op->count, (char *) op->buf, c);
       break;
     case OP_WRITE:
+      rbd_note_write();
       r = rbd_aio_write(image, op->offset, op->count, op->buf, c);
       break;
     case OP_FLUSH:

@@ -1,10 +1,10 @@
 /* nbdserve rbd plugin: serve a Ceph RBD image through librbd.
  *
- * This half: parameters, the connection to the cluster (made once, in
+ * This file: parameters, the connection to the cluster (made once, in
  * get_ready, after the server has forked: librados starts threads), the
- * image handles, capabilities, and block status (base:allocation, and
- * one qemu:dirty-bitmap:SNAP context per snapshot: what changed since
- * it).  The data path is in ops.c.
+ * image handles, capabilities, and the list of qemu:dirty-bitmap:SNAP
+ * contexts (one per snapshot: what changed since it).  Block status is
+ * in status.c, the data path in ops.c.
  *
  * The image is opened when the first client asks for it, not at
  * start-up, so that a server started before its image exists (or while
@@ -26,14 +26,6 @@
 #include "rbd.h"
 
 #define DEFAULT_CONF "/etc/ceph/ceph.conf"
-#define BITMAP_PREFIX "qemu:dirty-bitmap:"
-/* A block-status answer looks at most this many objects (each may be
- * one round trip to an OSD); the client asks again for the rest. */
-#define DIFF_MAX_OBJECTS 256
-/* base:allocation looks this far past the request, so that the reads
- * that follow find their objects known. */
-#define DIFF_LOOK_AHEAD_OBJECTS 32
-
 static char *pool, *image_name, *namespace, *snapshot;
 static char *conf, *client_id, *keyring;
 static uint32_t timeout_s;
@@ -232,12 +224,13 @@ static void image_close(struct image *img)
   int r = rbd_close(img->rbd);
   if (r < 0)
     nbdserve_error("rbd: closing the image: %s", strerror(-r));
-  free(img->known_data);
+  rbd_status_close(img);
   free(img);
 }
 
 static void rbd_unload(void)
 {
+  rbd_status_stop();
   for (int i = 0; i < 2; i++)
     image_close(images[i]);
   if (connected) {
@@ -253,7 +246,7 @@ static void rbd_unload(void)
 
 /* ---- The image ------------------------------------------------------------ */
 
-static const char *image_label(void)
+const char *rbd_image_label(void)
 {
   static __thread char label[512];
   snprintf(label, sizeof label, "%s/%s%s%s%s%s", pool, namespace ? namespace : "",
@@ -265,37 +258,19 @@ static int explain_open_failure(int err, bool readonly)
 {
   switch (err) {
   case ENOENT:
-    nbdserve_error("rbd: image %s does not exist%s", image_label(),
+    nbdserve_error("rbd: image %s does not exist%s", rbd_image_label(),
                    snapshot ? " (or has no such snapshot)" : "");
     break;
   case EACCES:
   case EPERM:
     nbdserve_error("rbd: client.%s may not open image %s %s: %s",
-                   client_id ? client_id : "admin", image_label(),
+                   client_id ? client_id : "admin", rbd_image_label(),
                    readonly ? "read-only" : "for writing (try -r)", strerror(err));
     break;
   default:
-    nbdserve_error("rbd: cannot open image %s: %s", image_label(), strerror(err));
+    nbdserve_error("rbd: cannot open image %s: %s", rbd_image_label(), strerror(err));
   }
   return rbd_report_error("open", 0, 0, err);
-}
-
-/* Object layout, for the known-data bitmap: only when each object holds
- * one contiguous range of the image (no fancy striping). */
-static void learn_layout(struct image *img)
-{
-  rbd_image_info_t info;
-  uint64_t unit = 0, count = 0;
-  if (rbd_stat(img->rbd, &info, sizeof info) < 0 || rbd_get_stripe_unit(img->rbd, &unit) < 0 ||
-      rbd_get_stripe_count(img->rbd, &count) < 0)
-    return;
-  if (count > 1 && unit != info.obj_size)
-    return;
-  img->object_size = info.obj_size;
-  img->nobjects = (info.size + info.obj_size - 1) / info.obj_size;
-  img->known_data = calloc((img->nobjects + 63) / 64 + 1, sizeof *img->known_data);
-  if (img->known_data == NULL)
-    img->object_size = img->nobjects = 0;
 }
 
 static struct image *image_open(bool readonly)
@@ -315,13 +290,11 @@ static struct image *image_open(bool readonly)
     return NULL;
   }
   rbd_get_features(img->rbd, &img->features);
-  /* librbd keeps its cache writethrough until it sees a first flush
-   * (rbd_cache_writethrough_until_flush), to protect guests that never
-   * flush.  NBD clients flush (or send FUA) for what must be durable, and
-   * flush is advertised: one flush now lets writes complete from the
-   * cache as they may. */
-  if (!img->readonly)
-    rbd_flush(img->rbd);
+  /* No flush here: librbd keeps its cache writethrough until the
+   * client's first flush (rbd_cache_writethrough_until_flush), which is
+   * what protects a client that never flushes.  It is also faster here:
+   * an early flush let writes complete from the cache, and the OSD then
+   * spent more CPU per byte on what the cache sent it. */
   rbd_linked_image_spec_t parent;
   rbd_snap_spec_t parent_snap;
   r = rbd_get_parent(img->rbd, &parent, &parent_snap);
@@ -330,11 +303,19 @@ static struct image *image_open(bool readonly)
     rbd_linked_image_spec_cleanup(&parent);
     rbd_snap_spec_cleanup(&parent_snap);
   }
-  learn_layout(img);
-  nbdserve_debug("rbd: opened %s%s, features 0x%" PRIx64 "%s", image_label(),
+  rbd_status_open(img);
+  nbdserve_debug("rbd: opened %s%s, features 0x%" PRIx64 "%s", rbd_image_label(),
                  img->readonly ? " read-only" : "", img->features,
                  img->has_parent ? ", a clone" : "");
   return img;
+}
+
+bool rbd_writable_image_open(void)
+{
+  pthread_mutex_lock(&images_lock);
+  bool open = images[0] != NULL;
+  pthread_mutex_unlock(&images_lock);
+  return open;
 }
 
 /* The shared handle of this kind, opened by the first client. */
@@ -347,35 +328,6 @@ static struct image *image_get(bool readonly)
   struct image *img = images[readonly];
   pthread_mutex_unlock(&images_lock);
   return img;
-}
-
-/* ---- Known data ------------------------------------------------------------
- * A bit per object that held data when the cluster was last asked.
- * Data only ever turns into a hole by a trim or zero, and ours clear the
- * bits first; a hole another client made shows as data, which is always
- * a correct answer ("when unsure, report data").  So a range of known
- * objects is answered without asking the cluster again. */
-
-static bool known(const struct image *img, uint64_t obj)
-{
-  return obj < img->nobjects &&
-         (__atomic_load_n(&img->known_data[obj / 64], __ATOMIC_RELAXED) >> (obj % 64)) & 1;
-}
-
-static void mark_known(struct image *img, uint64_t obj)
-{
-  if (obj < img->nobjects)
-    __atomic_fetch_or(&img->known_data[obj / 64], UINT64_C(1) << (obj % 64), __ATOMIC_RELAXED);
-}
-
-void rbd_forget_data(struct image *img, uint64_t offset, uint64_t count)
-{
-  if (img->object_size == 0 || count == 0)
-    return;
-  for (uint64_t obj = offset / img->object_size;
-       obj <= (offset + count - 1) / img->object_size && obj < img->nobjects; obj++)
-    __atomic_fetch_and(&img->known_data[obj / 64], ~(UINT64_C(1) << (obj % 64)),
-                       __ATOMIC_RELAXED);
 }
 
 /* ---- Connections ------------------------------------------------------------ */
@@ -413,7 +365,7 @@ static int64_t rbd_get_export_size(void *handle)
   uint64_t size;
   int r = rbd_get_size(h->img->rbd, &size);
   if (r < 0) {
-    nbdserve_error("rbd: size of %s: %s", image_label(), strerror(-r));
+    nbdserve_error("rbd: size of %s: %s", rbd_image_label(), strerror(-r));
     nbdserve_set_error(EIO);
     return -1;
   }
@@ -423,12 +375,14 @@ static int64_t rbd_get_export_size(void *handle)
 static int rbd_block_size(void *handle, uint32_t *minimum, uint32_t *preferred,
                           uint32_t *maximum)
 {
-  struct handle *h = handle;
+  (void) handle;
   *minimum = 1;
-  /* A whole object is the cheapest unit to move; more than 4 MiB per
-   * call only makes requests wait longer for each other. */
-  uint64_t obj = h->img->object_size ? h->img->object_size : 4 << 20;
-  *preferred = obj > (4 << 20) ? 4 << 20 : (uint32_t) obj;
+  /* Below 4 KiB the OSD's store reads and rewrites around a write.  The
+   * object size would be a worse answer: clients (nbdcopy) then move
+   * 4 MiB per request, which made the OSD spend 2-6x the CPU on each
+   * byte written and reads stall while a whole object crossed three
+   * copies at once. */
+  *preferred = 4096;
   *maximum = 32 << 20;
   return 0;
 }
@@ -503,122 +457,6 @@ static int rbd_zero(void *handle, uint64_t count, uint64_t offset, uint32_t flag
   return rbd_ops_zero(h, count, offset, flags);
 }
 
-/* ---- Block status ------------------------------------------------------------- */
-
-struct diff_walk {
-  struct nbdserve_extents *extents;
-  struct image *img;
-  bool bitmap; /* qemu:dirty-bitmap: every changed range is dirty */
-  uint64_t pos, end;
-  int err;
-};
-
-/* Each range librbd reports; the gaps between them are unallocated (or
- * unchanged).  Ranges come in ascending order for each object and the
- * objects in order; one that overlaps what was added is clipped. */
-static int diff_range(uint64_t offset, size_t length, int exists, void *arg)
-{
-  struct diff_walk *w = arg;
-  uint64_t end = offset + length;
-  if (end <= w->pos || w->err)
-    return 0;
-  if (offset < w->pos)
-    offset = w->pos;
-  uint64_t gap = w->bitmap ? 0 : NBDSERVE_EXTENT_HOLE | NBDSERVE_EXTENT_ZERO;
-  uint64_t here = w->bitmap ? 1 : exists ? 0 : NBDSERVE_EXTENT_HOLE | NBDSERVE_EXTENT_ZERO;
-  if ((offset > w->pos && nbdserve_add_extent(w->extents, w->pos, offset - w->pos, gap) == -1) ||
-      nbdserve_add_extent(w->extents, offset, end - offset, here) == -1) {
-    w->err = errno;
-    return -1;
-  }
-  if (!w->bitmap && exists && w->img->object_size &&
-      offset % w->img->object_size == 0 && length >= w->img->object_size)
-    for (uint64_t o = offset; o + w->img->object_size <= end; o += w->img->object_size)
-      mark_known(w->img, o / w->img->object_size);
-  w->pos = end;
-  return 0;
-}
-
-static int walk_diff(struct image *img, const char *from_snap, uint64_t offset, uint64_t end,
-                     struct nbdserve_extents *extents)
-{
-  struct diff_walk w = { .extents = extents, .img = img, .bitmap = from_snap != NULL,
-                         .pos = offset, .end = end };
-  int r = rbd_diff_iterate2(img->rbd, from_snap, offset, end - offset, 1, 0, diff_range, &w);
-  if (w.err) {
-    errno = w.err;
-    return -1;
-  }
-  if (r < 0) {
-    int e = r == -ENOENT && from_snap ? EINVAL : -r;
-    if (r == -ENOENT && from_snap)
-      nbdserve_error("rbd: snapshot %s of %s no longer exists", from_snap, image_label());
-    else
-      e = rbd_report_error(from_snap ? "dirty bitmap" : "block status", end - offset, offset,
-                           -r);
-    nbdserve_set_error(e);
-    return -1;
-  }
-  uint64_t rest = w.bitmap ? 0 : NBDSERVE_EXTENT_HOLE | NBDSERVE_EXTENT_ZERO;
-  if (w.pos < end && nbdserve_add_extent(extents, w.pos, end - w.pos, rest) == -1)
-    return -1;
-  return 0;
-}
-
-/* How far one answer looks: to the end of the request, at most
- * DIFF_MAX_OBJECTS objects; base:allocation a little further. */
-static uint64_t walk_end(struct image *img, uint64_t offset, uint64_t count, bool ahead)
-{
-  uint64_t size = 0, obj = img->object_size ? img->object_size : 4 << 20;
-  rbd_get_size(img->rbd, &size);
-  uint64_t end = offset + count;
-  if (ahead && end - offset < DIFF_LOOK_AHEAD_OBJECTS * obj)
-    end = offset + DIFF_LOOK_AHEAD_OBJECTS * obj;
-  if (end - offset > DIFF_MAX_OBJECTS * obj)
-    end = offset + DIFF_MAX_OBJECTS * obj;
-  return end < size ? end : size > offset ? size : offset + count;
-}
-
-/* Every object of the request known to hold data: one data extent
- * (reaching on over the known objects that follow), no question asked. */
-static bool answer_from_known(struct image *img, uint64_t offset, uint64_t count,
-                              struct nbdserve_extents *extents)
-{
-  uint64_t os = img->object_size;
-  if (os == 0)
-    return false;
-  uint64_t first = offset / os, last = (offset + count - 1) / os;
-  for (uint64_t obj = first; obj <= last; obj++)
-    if (!known(img, obj))
-      return false;
-  while (last - first < DIFF_MAX_OBJECTS && known(img, last + 1))
-    last++;
-  return nbdserve_add_extent(extents, first * os, (last + 1 - first) * os, 0) == 0;
-}
-
-static int rbd_extents(void *handle, uint64_t count, uint64_t offset, uint32_t flags,
-                       struct nbdserve_extents *extents)
-{
-  (void) flags;
-  struct image *img = ((struct handle *) handle)->img;
-  if (answer_from_known(img, offset, count, extents))
-    return 0;
-  return walk_diff(img, NULL, offset, walk_end(img, offset, count, true), extents);
-}
-
-static int rbd_meta_extents(void *handle, const char *context, uint64_t count, uint64_t offset,
-                            uint32_t flags, struct nbdserve_extents *extents)
-{
-  (void) flags;
-  struct image *img = ((struct handle *) handle)->img;
-  if (strncmp(context, BITMAP_PREFIX, strlen(BITMAP_PREFIX)) != 0) {
-    nbdserve_set_error(EINVAL);
-    return -1;
-  }
-  const char *snap = context + strlen(BITMAP_PREFIX);
-  return walk_diff(img, snap, offset, walk_end(img, offset, count, false), extents);
-}
-
 static bool wanted_bitmap(const char *snap)
 {
   if (nbitmaps == 0)
@@ -662,20 +500,20 @@ static int rbd_list_meta_contexts(const char *export_name, struct nbdserve_conte
   }
   if (r < 0) {
     free(snaps);
-    nbdserve_error("rbd: listing the snapshots of %s: %s", image_label(), strerror(-r));
+    nbdserve_error("rbd: listing the snapshots of %s: %s", rbd_image_label(), strerror(-r));
     return 0;
   }
   int ret = 0;
   for (int i = 0; i < r && ret == 0; i++) {
     if (!wanted_bitmap(snaps[i].name))
       continue;
-    size_t n = strlen(BITMAP_PREFIX) + strlen(snaps[i].name) + 1;
+    size_t n = strlen(RBD_BITMAP_PREFIX) + strlen(snaps[i].name) + 1;
     char *name = malloc(n);
     if (name == NULL) {
       ret = -1;
       break;
     }
-    snprintf(name, n, "%s%s", BITMAP_PREFIX, snaps[i].name);
+    snprintf(name, n, "%s%s", RBD_BITMAP_PREFIX, snaps[i].name);
     ret = nbdserve_add_context(contexts, name);
     free(name);
   }
@@ -702,7 +540,7 @@ int rbd_report_error(const char *what, uint64_t count, uint64_t offset, int err)
       why = " (this client was blocklisted by the cluster)";
     nbdserve_error("rbd: %s of %" PRIu64 " bytes at %" PRIu64 " on %s failed: %s%s; "
                    "further failures like it are not logged", what, count, offset,
-                   image_label(), strerror(err), why);
+                   rbd_image_label(), strerror(err), why);
   }
   else
     nbdserve_debug("rbd: %s at %" PRIu64 ": %s", what, offset, strerror(err));
@@ -727,7 +565,7 @@ void rbd_report_success(void)
 {
   if (__atomic_load_n(&last_logged, __ATOMIC_RELAXED) != 0 &&
       __atomic_exchange_n(&last_logged, 0, __ATOMIC_RELAXED) != 0)
-    nbdserve_error("rbd: requests on %s succeed again", image_label());
+    nbdserve_error("rbd: requests on %s succeed again", rbd_image_label());
 }
 
 static struct nbdserve_plugin plugin = {

@@ -1,8 +1,9 @@
 /* nbdserve rbd plugin: what its two halves share.
  *
  * rbd.c: parameters, the cluster connection, the image handles,
- * capabilities, block status.  ops.c: the data path, librbd's
- * asynchronous calls finished through the server's waiting mechanism.
+ * capabilities.  status.c: block status.  ops.c: the data path,
+ * librbd's asynchronous calls finished through the server's waiting
+ * mechanism.
  *
  * SPDX-License-Identifier: BSD-3-Clause
  */
@@ -15,6 +16,8 @@
 
 #include <rbd/librbd.h>
 
+struct nbdserve_extents;
+
 /* One librbd handle on the image, shared by every connection that opened
  * it the same way (read-write, or read-only): one cache, one flush, one
  * exclusive lock for the whole process. */
@@ -23,10 +26,14 @@ struct image {
   bool readonly;
   uint64_t features;
   bool has_parent; /* a clone: zeroing may have to copy up from the parent */
+  /* Block status (status.c): */
   uint64_t object_size; /* 0 when striping makes objects not contiguous */
   uint64_t nobjects; /* objects covered by known_data */
   uint64_t *known_data; /* bit per object: held data when last asked (atomic) */
+  struct known_holes *holes; /* what recent walks found empty */
 };
+
+#define RBD_BITMAP_PREFIX "qemu:dirty-bitmap:"
 
 struct op;
 
@@ -60,7 +67,22 @@ int rbd_report_error(const char *what, uint64_t count, uint64_t offset, int err)
 /* A request succeeded: after failures, say once that they stopped. */
 void rbd_report_success(void);
 
-/* Objects [first, last] no longer known to hold data (trim, zero). */
+/* The image as messages name it: POOL/[NAMESPACE/]IMAGE[@SNAP]. */
+const char *rbd_image_label(void);
+/* Is a writable handle on the image open in this server? */
+bool rbd_writable_image_open(void);
+
+/* status.c: block status. */
+void rbd_status_open(struct image *img); /* learn the layout; nothing known yet */
+void rbd_status_close(struct image *img);
+void rbd_status_stop(void); /* the look-ahead thread, before the images close */
+/* The range no longer holds data for sure (trim, zero). */
 void rbd_forget_data(struct image *img, uint64_t offset, uint64_t count);
+/* A write that may turn a hole into data starts, or is done. */
+void rbd_note_write(void);
+int rbd_extents(void *handle, uint64_t count, uint64_t offset, uint32_t flags,
+                struct nbdserve_extents *extents);
+int rbd_meta_extents(void *handle, const char *context, uint64_t count, uint64_t offset,
+                     uint32_t flags, struct nbdserve_extents *extents);
 
 #endif /* NBDSERVE_RBD_H */
