@@ -114,7 +114,7 @@ static bool keep_large(struct conn *conn, size_t large)
 }
 
 /* conn->lock held (or the connection is being freed): a kept large
- * buffer is in use again, or leaves the connection. */
+ * buffer is in use again, or is freed. */
 static void unkeep_large(struct conn *conn, size_t large)
 {
   if (large == 0)
@@ -128,7 +128,15 @@ void conn_free(struct conn *conn)
   struct request *req, *next;
   for (req = conn->free_requests; req; req = next) {
     next = req->next;
-    unkeep_large(conn, large_part(req));
+    /* Large buffers are for the connection that streams large
+     * requests; once it is gone, the memory goes back. */
+    size_t large = large_part(req);
+    if (large) {
+      unkeep_large(conn, large);
+      free(req->buf);
+      req->buf = NULL;
+      req->buf_size = 0;
+    }
     request_retire(req);
   }
   for (req = conn->send_head; req; req = next) { /* only after a write error */

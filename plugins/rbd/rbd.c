@@ -310,12 +310,12 @@ static struct image *image_open(bool readonly)
   return img;
 }
 
+/* Without images_lock, which image_get holds while librbd opens an
+ * image (round trips to the cluster): block status must not wait for
+ * that. */
 bool rbd_writable_image_open(void)
 {
-  pthread_mutex_lock(&images_lock);
-  bool open = images[0] != NULL;
-  pthread_mutex_unlock(&images_lock);
-  return open;
+  return __atomic_load_n(&images[0], __ATOMIC_ACQUIRE) != NULL;
 }
 
 /* The shared handle of this kind, opened by the first client. */
@@ -324,7 +324,7 @@ static struct image *image_get(bool readonly)
   readonly = readonly || snapshot;
   pthread_mutex_lock(&images_lock);
   if (images[readonly] == NULL)
-    images[readonly] = image_open(readonly);
+    __atomic_store_n(&images[readonly], image_open(readonly), __ATOMIC_RELEASE);
   struct image *img = images[readonly];
   pthread_mutex_unlock(&images_lock);
   return img;
