@@ -33,7 +33,13 @@ def copy(uri):
 
 
 def within(got, want, tol=0.10):
-    return abs(got - want) <= want * tol
+    """GOT is WANT, the rate set, within TOL.  What a throttle promises
+    is the upper side, and that stays; reaching the rate takes the CPU
+    to get there, which a sanitizer build (TSAN above all, several times
+    slower) may lack on a loaded machine: there 60% of it will do, still
+    far from what a throttle waiting twice too long would give."""
+    low = min(1 - tol, 0.6) if nbdtest.SANITIZED else 1 - tol
+    return want * low <= got <= want * (1 + tol)
 
 
 def ctl(sock, *args):
