@@ -90,6 +90,8 @@ if command -v taskset > /dev/null 2>&1; then
     taskset -c 0 "$NBDSERVE" -f -v -U "$sock" --busy-poll 1000 memory 1M 2> "$tmp/onecpu.log" &
     server_pid=$!; server_pids+=("$server_pid")
     wait_for_socket "$sock" "$server_pid"
+    # Served once: the loop has decided (and logged) before it accepted.
+    nbdinfo --size "nbd+unix:///?socket=$sock" > /dev/null
     stop_server
     contains "one CPU: off" "$tmp/onecpu.log" 'busy polling: off, this process may use one CPU only'
 else
@@ -115,6 +117,7 @@ if [ -n "$cg" ] && [ -z "${cg_failed:-}" ]; then
         sh "$cg" "$NBDSERVE" "$sock" 2> "$tmp/quota.log" &
     server_pid=$!; server_pids+=("$server_pid")
     wait_for_socket "$sock" "$server_pid"
+    nbdinfo --size "nbd+unix:///?socket=$sock" > /dev/null
     stop_server
     contains "a cgroup quota of one CPU: off" "$tmp/quota.log" \
         "busy polling: off, the cgroup's CPU quota is 1.00 CPUs"

@@ -3,6 +3,9 @@
 # byte by byte, read through common/qcow2 directly.  The program prints
 # its own TAP; this wrapper gives it a private directory in $tmp and a
 # time limit, so a deadlock in the cache or a thread shows as a failure.
+# The whole file's watchdog (functions.sh, 300 s by default) must not
+# cut short the unit's own limit below.
+TEST_TIMEOUT=${TEST_TIMEOUT:-1300}
 . "$(dirname "$0")/lib/functions.sh"
 
 unit="$top/tests/lib/qcow2-unit"
