@@ -74,7 +74,10 @@ struct request {
    * waker may come before the loop has taken the request off to_park,
    * and then it is on both lists at once. */
   struct request *next_park, *next_woken;
-  struct request *prev_waiting, *next_waiting; /* conn->waiting_list (loop thread) */
+  /* In conn->waiting_list (loop thread), or in conn->waker_list
+   * (conn->lock) when on_waker_list. */
+  struct request *prev_waiting, *next_waiting;
+  bool on_waker_list;
   ev_timer wait_timer;
 
   /* The reply, as iovecs into hdr[] and buf. */
@@ -158,6 +161,12 @@ struct conn {
    * (under lock), parked (loop thread). */
   struct request *to_park, *woken;
   struct request *waiting_list;
+  /* With worker threads, requests waiting for a waker stay off the
+   * loop: parked here by their worker and handed back to the workers by
+   * their waker (under lock).  waits_cut: the loop has cut this
+   * connection's waits short; none may start waiting now (under lock). */
+  struct request *waker_list;
+  bool waits_cut;
   struct bytebuf hs_out;
   char *meta_export; /* export the selected contexts were chosen for */
   struct selected_context *contexts;

@@ -18,7 +18,12 @@
  * acknowledged write is lost.
  *
  * Who touches what: parking and retries happen on the connection's loop
- * thread; the callback that asked ran on a worker or that loop; a waker
+ * thread, except for a request that waits for a waker while requests
+ * run on workers: its worker parks it on the connection's waker_list and
+ * its waker hands it straight back to the workers, which saves two
+ * thread wake-ups per wait (the loop's, twice) for a plugin whose every
+ * request waits, such as rbd.  The callback that asked ran on a worker
+ * or that loop; a waker
  * may be any thread, and may come long after the request was answered
  * and its connection closed (a wait cut short).  So a waiter's state,
  * and whether it still points at its request, change under one lock of
@@ -113,21 +118,82 @@ static void waiter_release(struct nbdserve_waiter *w)
     free(w);
 }
 
+/* conn->lock held. */
+static void link_waker_list(struct request *req)
+{
+  struct conn *conn = req->conn;
+  req->prev_waiting = NULL;
+  req->next_waiting = conn->waker_list;
+  if (conn->waker_list)
+    conn->waker_list->prev_waiting = req;
+  conn->waker_list = req;
+  req->on_waker_list = true;
+}
+
+static void unlink_waker_list(struct request *req)
+{
+  struct conn *conn = req->conn;
+  if (req->prev_waiting)
+    req->prev_waiting->next_waiting = req->next_waiting;
+  else
+    conn->waker_list = req->next_waiting;
+  if (req->next_waiting)
+    req->next_waiting->prev_waiting = req->prev_waiting;
+  req->prev_waiting = req->next_waiting = NULL;
+  req->on_waker_list = false;
+}
+
+/* waiters_lock held; W is REQ's waiter, asked for by its worker, and
+ * requests run on workers.  Park REQ for its waker without the loop, or
+ * hand it back to the workers at once (woken already, or its connection
+ * cuts waits short). */
+static void park_for_waker(struct request *req, struct nbdserve_waiter *w)
+{
+  struct conn *conn = req->conn;
+  bool run_now = w->state == WAITER_WOKEN;
+  if (!run_now) {
+    pthread_mutex_lock(&conn->lock);
+    run_now = conn->waits_cut;
+    req->wait_cut_short = run_now;
+    if (!run_now) {
+      w->state = WAITER_PARKED;
+      req->parked_waiter = w;
+      link_waker_list(req);
+    }
+    pthread_mutex_unlock(&conn->lock);
+  }
+  if (run_now) {
+    w->state = WAITER_DONE;
+    waiter_release(w);
+  }
+  pthread_mutex_unlock(&waiters_lock);
+  if (run_now)
+    workers_submit(&req->job);
+}
+
 /* Any thread, once per waiter. */
 void nbdserve_wake(struct nbdserve_waiter *w)
 {
   pthread_mutex_lock(&waiters_lock);
   enum waiter_state was = w->state;
   int releases = 1; /* the waker's reference */
+  struct request *to_workers = NULL;
   if (was == WAITER_PARKED) {
-    /* Parked: the core no longer needs the waiter; retry from the loop. */
+    /* Parked: the core no longer needs the waiter; retry from the
+     * workers or the loop, wherever it was parked. */
     struct request *req = w->req;
     struct conn *conn = req->conn;
     pthread_mutex_lock(&conn->lock);
     req->parked_waiter = NULL;
-    req->next_woken = conn->woken;
-    conn->woken = req;
-    conn_kick(conn);
+    if (req->on_waker_list) {
+      unlink_waker_list(req);
+      to_workers = req;
+    }
+    else {
+      req->next_woken = conn->woken;
+      conn->woken = req;
+      conn_kick(conn);
+    }
     pthread_mutex_unlock(&conn->lock);
     releases = 2;
   }
@@ -137,6 +203,9 @@ void nbdserve_wake(struct nbdserve_waiter *w)
   if (w->refs == 0)
     free(w);
   pthread_mutex_unlock(&waiters_lock);
+  /* Off every list: nobody else hands it on. */
+  if (to_workers)
+    workers_submit(&to_workers->job);
 }
 
 /* ---- The core's side ----------------------------------------------------------- */
@@ -187,6 +256,10 @@ bool wait_end_request(struct request *req, bool asked)
     return false;
   }
   struct conn *conn = req->conn;
+  if (ask == ASK_WAKER && w && !run_inline) {
+    park_for_waker(req, w); /* unlocks waiters_lock */
+    return true;
+  }
   req->park_ns = ask == ASK_TIMER ? running.ns : 0;
   req->park_on_timer = ask == ASK_TIMER;
   if (w) {
@@ -235,6 +308,33 @@ static void wait_timer_cb(struct ev_loop *l, ev_timer *w, int revents)
   retry(w->data);
 }
 
+/* Loop thread, the connection closing: the requests on its waker_list
+ * run again now, and none parks there from now on. */
+static void cut_waker_waits(struct conn *conn)
+{
+  pthread_mutex_lock(&waiters_lock);
+  pthread_mutex_lock(&conn->lock);
+  conn->waits_cut = true;
+  struct request *cut = conn->waker_list;
+  conn->waker_list = NULL;
+  pthread_mutex_unlock(&conn->lock);
+  for (struct request *r = cut; r; r = r->next_waiting) {
+    r->on_waker_list = false;
+    if (r->parked_waiter) { /* a later wake finds it done */
+      r->parked_waiter->state = WAITER_DONE;
+      waiter_release(r->parked_waiter);
+      r->parked_waiter = NULL;
+    }
+    r->wait_cut_short = true;
+  }
+  pthread_mutex_unlock(&waiters_lock);
+  for (struct request *r = cut, *next; r; r = next) {
+    next = r->next_waiting;
+    r->prev_waiting = r->next_waiting = NULL;
+    dispatch_job(&r->job);
+  }
+}
+
 /* Loop thread, from conn_service: park what asked to wait (arming the
  * timers), retry the woken requests; on a closing connection, cut every
  * wait short. */
@@ -243,8 +343,10 @@ void wait_service(struct conn *conn)
   pthread_mutex_lock(&conn->lock);
   struct request *park = conn->to_park, *woken = conn->woken;
   conn->to_park = conn->woken = NULL;
+  bool for_wakers = conn->waker_list != NULL;
   pthread_mutex_unlock(&conn->lock);
-  if (park == NULL && woken == NULL && conn->waiting_list == NULL)
+  if (park == NULL && woken == NULL && conn->waiting_list == NULL &&
+      (!for_wakers || conn->state != CONN_CLOSING))
     return;
 
   for (struct request *r = park, *next; r; r = next) {
@@ -280,4 +382,5 @@ void wait_service(struct conn *conn)
     r->wait_cut_short = true;
     retry(r);
   }
+  cut_waker_waits(conn);
 }

@@ -23,7 +23,7 @@ if not os.path.exists(os.path.join(nbdtest.TOP, "plugins", "nbd", "nbdserve-nbd-
     print("1..0 # SKIP the nbd plugin is not built")
     sys.exit(0)
 
-t = nbdtest.Test(plan=62, watchdog=400, filters=("delay",))
+t = nbdtest.Test(plan=65, watchdog=400, filters=("delay",))
 tmp = t.tmp
 MiB = 1 << 20
 
@@ -445,6 +445,41 @@ h3.shutdown()
 del h, h3
 t.is_(t.stop(fp), 0, "the front server stops cleanly")
 t.stop(phoenix)
+
+# ---- 6b. Clients that leave while their reads wait on the backend -----------------
+# With --no-inline the front server's requests run on workers and wait for the backend's
+# answers without a thread: parked on their connection, woken straight
+# onto the workers (server/wait.c).  A client that leaves cuts those
+# waits short; the backend's answers come later and find nothing to wake.
+back_uri = t.server("slow-back", "--filter=delay", "memory", "16M", "delay-read=1s")
+uri = front("front-leave", "socket=" + uri_socket(back_uri), options=("-v", "-t", "2", "--no-inline"))
+fp = t.last_server
+h = t.connect(uri)
+h.pwrite(b"\x6b" * (1 << 20), 0)
+h.shutdown()
+del h
+t.ok("requests run on worker threads" in t.log("front-leave"),
+     "--no-inline: the nbd plugin's requests run on worker threads")
+import struct
+for round_ in range(3):
+    raws = [nbdtest.raw_go(uri_socket(uri)) for _ in range(4)]
+    for s in raws:
+        s.sendall(b"".join(struct.pack(">IHHQQI", 0x25609513, 0, 0, i, i * 65536, 65536)
+                           for i in range(16)))
+    time.sleep(0.3)  # the reads wait in the backend's delay
+    for s in raws:
+        s.close()
+h = t.connect(uri)
+t0 = time.monotonic()
+data = h.pread(1 << 20, 0)
+t.ok(fp.poll() is None and data == b"\x6b" * (1 << 20),
+     "192 reads cut short by 12 clients that left: the front server still serves, "
+     "the data intact (%.1f s)" % (time.monotonic() - t0))
+h.shutdown()
+del h
+time.sleep(1.5)  # the backend's late answers arrive: their wakes find the waits over
+t.is_(t.stop(fp), 0, "... and stops cleanly after the backend's late answers")
+t.stop()
 
 # ---- 7. Bad parameters ---------------------------------------------------------------
 def refused(params, words, desc):
