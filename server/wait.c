@@ -118,29 +118,37 @@ static void waiter_release(struct nbdserve_waiter *w)
     free(w);
 }
 
-/* conn->lock held. */
-static void link_waker_list(struct request *req)
+/* A connection's lists of waiting requests (waiting_list, waker_list),
+ * linked through prev_waiting and next_waiting. */
+static void waiting_add(struct request **list, struct request *req)
 {
-  struct conn *conn = req->conn;
   req->prev_waiting = NULL;
-  req->next_waiting = conn->waker_list;
-  if (conn->waker_list)
-    conn->waker_list->prev_waiting = req;
-  conn->waker_list = req;
-  req->on_waker_list = true;
+  req->next_waiting = *list;
+  if (*list)
+    (*list)->prev_waiting = req;
+  *list = req;
 }
 
-static void unlink_waker_list(struct request *req)
+static void waiting_remove(struct request **list, struct request *req)
 {
-  struct conn *conn = req->conn;
   if (req->prev_waiting)
     req->prev_waiting->next_waiting = req->next_waiting;
   else
-    conn->waker_list = req->next_waiting;
+    *list = req->next_waiting;
   if (req->next_waiting)
     req->next_waiting->prev_waiting = req->prev_waiting;
   req->prev_waiting = req->next_waiting = NULL;
-  req->on_waker_list = false;
+}
+
+/* waiters_lock held: REQ's wait is cut short; its waker, if it comes,
+ * finds the waiter done. */
+static void forget_parked_waiter(struct request *req)
+{
+  if (req->parked_waiter) {
+    req->parked_waiter->state = WAITER_DONE;
+    waiter_release(req->parked_waiter);
+    req->parked_waiter = NULL;
+  }
 }
 
 /* waiters_lock held; W is REQ's waiter, asked for by its worker, and
@@ -158,7 +166,8 @@ static void park_for_waker(struct request *req, struct nbdserve_waiter *w)
     if (!run_now) {
       w->state = WAITER_PARKED;
       req->parked_waiter = w;
-      link_waker_list(req);
+      waiting_add(&conn->waker_list, req);
+      req->on_waker_list = true;
     }
     pthread_mutex_unlock(&conn->lock);
   }
@@ -186,7 +195,8 @@ void nbdserve_wake(struct nbdserve_waiter *w)
     pthread_mutex_lock(&conn->lock);
     req->parked_waiter = NULL;
     if (req->on_waker_list) {
-      unlink_waker_list(req);
+      waiting_remove(&conn->waker_list, req);
+      req->on_waker_list = false;
       to_workers = req;
     }
     else {
@@ -283,22 +293,10 @@ bool wait_end_request(struct request *req, bool asked)
   return true;
 }
 
-static void unlist(struct request *req)
-{
-  struct conn *conn = req->conn;
-  if (req->prev_waiting)
-    req->prev_waiting->next_waiting = req->next_waiting;
-  else
-    conn->waiting_list = req->next_waiting;
-  if (req->next_waiting)
-    req->next_waiting->prev_waiting = req->prev_waiting;
-  req->prev_waiting = req->next_waiting = NULL;
-}
-
 /* Loop thread: run a parked request again. */
 static void retry(struct request *req)
 {
-  unlist(req);
+  waiting_remove(&req->conn->waiting_list, req);
   dispatch_job(&req->job);
 }
 
@@ -320,11 +318,7 @@ static void cut_waker_waits(struct conn *conn)
   pthread_mutex_unlock(&conn->lock);
   for (struct request *r = cut; r; r = r->next_waiting) {
     r->on_waker_list = false;
-    if (r->parked_waiter) { /* a later wake finds it done */
-      r->parked_waiter->state = WAITER_DONE;
-      waiter_release(r->parked_waiter);
-      r->parked_waiter = NULL;
-    }
+    forget_parked_waiter(r);
     r->wait_cut_short = true;
   }
   pthread_mutex_unlock(&waiters_lock);
@@ -351,11 +345,7 @@ void wait_service(struct conn *conn)
 
   for (struct request *r = park, *next; r; r = next) {
     next = r->next_park;
-    r->next_waiting = conn->waiting_list;
-    r->prev_waiting = NULL;
-    if (conn->waiting_list)
-      conn->waiting_list->prev_waiting = r;
-    conn->waiting_list = r;
+    waiting_add(&conn->waiting_list, r);
     if (r->park_on_timer) {
       ev_timer_init(&r->wait_timer, wait_timer_cb, r->park_ns / 1e9, 0.);
       r->wait_timer.data = r;
@@ -373,11 +363,7 @@ void wait_service(struct conn *conn)
     struct request *r = conn->waiting_list;
     ev_timer_stop(conn->loop->ev, &r->wait_timer);
     pthread_mutex_lock(&waiters_lock);
-    if (r->parked_waiter) { /* a later wake finds it done */
-      r->parked_waiter->state = WAITER_DONE;
-      waiter_release(r->parked_waiter);
-      r->parked_waiter = NULL;
-    }
+    forget_parked_waiter(r);
     pthread_mutex_unlock(&waiters_lock);
     r->wait_cut_short = true;
     retry(r);
